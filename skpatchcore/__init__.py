@@ -1,0 +1,23 @@
+"""PatchCore industrial anomaly detection as a scikit-learn estimator."""
+
+from .coreset import GreedyCoresetSampler
+from .detector import PatchCoreDetector
+from .features import (
+    EfficientNetLite0Extractor,
+    FeatureExtractor,
+    ModuleExtractor,
+    TorchvisionExtractor,
+)
+from .neighbors import NearestNeighborIndex
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PatchCoreDetector",
+    "GreedyCoresetSampler",
+    "NearestNeighborIndex",
+    "FeatureExtractor",
+    "TorchvisionExtractor",
+    "ModuleExtractor",
+    "EfficientNetLite0Extractor",
+]

