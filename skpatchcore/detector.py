@@ -374,6 +374,11 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     def _leave_one_out(self, patches, bank, bank_groups, size, box):
         """Image scores and map maxima of each training image against the others' bank entries."""
         n_images, h, w, dim = patches.shape
+        if np.bincount(bank_groups, minlength=n_images).max() == len(bank):
+            raise ValueError(
+                "Every coreset entry comes from one training image, so it cannot be "
+                "scored against the others; increase coreset_ratio."
+            )
         image_ids = np.repeat(np.arange(n_images), h * w)
         flat = patches.reshape(-1, dim)
         dist, idx = exact_kneighbors(
@@ -381,7 +386,12 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         )
         dist, idx = dist[:, 0].reshape(n_images, -1), idx[:, 0].reshape(n_images, -1)
         _, patch, nearest = max_patches(dist, idx)
-        support = self._support(bank, nearest, query_groups=np.arange(n_images), bank_groups=bank_groups)
+        # Each image may only use the entries of the others.
+        k = min(self.n_neighbors, len(bank) - np.bincount(bank_groups).max())
+        _, support = exact_kneighbors(
+            bank[nearest], bank, k, query_groups=np.arange(n_images), bank_groups=bank_groups,
+            device=self.device,
+        )
         scores = reweighted_scores(patches.reshape(n_images, -1, dim)[np.arange(n_images), patch], bank, support)
         maps = anomaly_maps(
             torch.from_numpy(dist.reshape(n_images, h, w)), model_size=size, box=box,
@@ -389,11 +399,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         )
         return scores, maps.amax(dim=(1, 2)).numpy()
 
-    def _support(self, bank, nearest, **groups) -> np.ndarray:
+    def _support(self, nearest) -> np.ndarray:
         """Bank neighbours of each ``m*`` (itself first), for Eq. 7."""
-        k = min(self.n_neighbors, len(bank))
-        _, support = exact_kneighbors(bank[nearest], bank, k, device=self.device, **groups)
-        return support
+        k = min(self.n_neighbors, len(self.memory_bank_))
+        return self.nn_index_.kneighbors(self.memory_bank_[nearest], k, exact=True)[1]
 
     # -------------------------------------------------------------- scoring
     def _score(self, X, *, with_maps: bool):
@@ -431,7 +440,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 _, patch, nearest = rerank_max_patches(
                     flat, dist, lambda q: self.nn_index_.kneighbors(q, 1, exact=True)
                 )
-            support = self._support(self.memory_bank_, nearest)
+            support = self._support(nearest)
             scores[batch] = reweighted_scores(flat[np.arange(n), patch], self.memory_bank_, support)
             if with_maps:
                 maps[batch] = anomaly_maps(
