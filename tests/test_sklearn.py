@@ -87,7 +87,7 @@ def _check_instances():
     # equal copies, which the parameter-mutation checks would report.
     detector = PatchCoreDetector(
         feature_extractor=TorchvisionExtractor("resnet18", weights=None),
-        image_size=(32, 32), image_shape=(1, -1), coreset_ratio=0.5, random_state=0,
+        image_size=(32, 32), image_shape=(1, -1), coreset_ratio=0.2, n_neighbors=3, random_state=0,
         algorithm="exact",
         # One image per forward pass: oneDNN convolutions round differently for
         # different batch sizes (~1e-6), which the subset-invariance check's
