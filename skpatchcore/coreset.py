@@ -1,0 +1,546 @@
+"""Greedy k-center coreset subsampling (PatchCore, Roth et al. CVPR 2022, Sec. 3.2)."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from numbers import Integral, Real
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
+from sklearn.random_projection import GaussianRandomProjection
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+__all__ = ["GreedyCoresetSampler", "k_center_greedy"]
+
+# Minimum squared distance of the points already chosen: below every real squared
+# distance, so they are never picked again, even when only duplicates remain.
+_SELECTED = -1.0
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Rows of the projected copy processed at a time, in a pass or in a gather (1 MiB at 128
+# dims). Buffers of that size are reused: fresh temporaries would grow the process's
+# memory, as the C allocator keeps much of what it frees.
+_CHUNK_ROWS = 2_048
+# Elements of a (new centres x points) bound matrix evaluated at a time (2 MiB), and
+# most sketch rows gathered for it (2 MiB at 32 dims).
+_BOUND_ELEMENTS, _SKETCH_ROWS = 1 << 19, 1 << 14
+# Block of candidate centres examined at once by the accelerated method.
+_MIN_BLOCK, _MAX_BLOCK = 8, 256
+# Leading principal axes whose coordinates bound distances from below (accelerated).
+_SKETCH_DIM = 32
+# Largest dimension rotated onto its principal axes (the rotation costs n * dim^2).
+_MAX_ROTATED_DIM = 256
+
+
+def _batches(n: int, size: int):
+    """Slices of ``size`` covering ``range(n)``; sklearn's ``gen_batches`` validates its
+    arguments on every call, which costs more than a small step of the selection."""
+    return (slice(lo, min(lo + size, n)) for lo in range(0, n, size))
+
+
+def _sq_norms(Z: torch.Tensor) -> torch.Tensor:
+    """Squared row norms, float32, of ``Z`` (n, d) in any stored dtype."""
+    out = torch.empty(len(Z), device=Z.device)
+    for b in _batches(len(Z), _CHUNK_ROWS):
+        torch.linalg.vector_norm(Z[b], dim=1, dtype=torch.float32, out=out[b])
+    return out.square_()
+
+
+def _distances_to(Z, centre, out, scratch):
+    """Squared distances of every row of ``Z`` to ``centre`` (float32), one pass over ``Z``.
+
+    Summed as ``sum((x - c)^2)`` row by row: unlike a BLAS matrix-vector
+    product, whose rounding depends on how many rows it is given, this gives
+    the same bits for a row whether it comes in a full pass or in a gathered
+    subset, so the accelerated method reproduces the plain greedy sequence.
+    """
+    for b in _batches(len(Z), _CHUNK_ROWS):
+        diff = torch.sub(Z[b], centre, out=scratch[: b.stop - b.start])  # float32
+        torch.sum(diff.square_(), 1, out=out[b])
+    return out
+
+
+def _scratch(Z):
+    """Reusable float32 buffer of ``_CHUNK_ROWS`` rows of ``Z``."""
+    return torch.empty(_CHUNK_ROWS, Z.shape[1], device=Z.device)
+
+
+def _pairwise_sq(A, A_sq, B, B_sq):
+    """(len(A), len(B)) squared distances by matrix product; for bounds only."""
+    return torch.addmm(A_sq[:, None], A, B.T, alpha=-2).add_(B_sq).clamp_(min=0)
+
+
+def _plain_greedy(Z, n_centers, start, verbose):
+    n = len(Z)
+    min_sq = torch.full((n,), math.inf, device=Z.device)
+    dist, scratch = torch.empty(n, device=Z.device), _scratch(Z)
+    selected = torch.empty(n_centers, dtype=torch.long, device=Z.device)
+    report = _Progress(n_centers, verbose)
+    idx = start
+    for i in range(n_centers):
+        selected[i] = idx
+        torch.minimum(min_sq, _distances_to(Z, Z[idx].float(), dist, scratch), out=min_sq)
+        min_sq[idx] = _SELECTED
+        idx = int(min_sq.argmax())  # first index among ties
+        report(i + 1, min_sq)
+    return selected, min_sq
+
+
+def _accelerated_greedy(Z, n_centers, start, verbose):
+    """Same sequence as :func:`_plain_greedy`, with most of its work pruned.
+
+    Each round takes the ``block`` farthest points, ordered as the plain
+    argmax breaks ties, and keeps the longest prefix in which no point may be
+    closer to an earlier one than to the centres: those are exactly the next
+    greedy picks, since a pick only lowers distances and leaves the rest of
+    that prefix untouched. A point x at distance r of its nearest centre p is
+    then updated only where two lower bounds of d(x, c), for a new centre c,
+    fall below r: the triangle inequality ``d(x, c) >= d(p, c) - r`` (so
+    ``d(p, c) >= 2 r`` rules x out) and the distance on the leading
+    ``_SKETCH_DIM`` columns, a lower bound that is tight when those are the
+    principal axes (as :func:`_project` arranges). Survivors get the exact
+    distance, computed as the plain method does.
+    """
+    n, dim = Z.shape
+    device = Z.device
+    sq_norms = _sq_norms(Z)
+    # Bounds use |a|^2 - 2 a.b + |b|^2 by matrix products; this covers their rounding.
+    tol = 16 * dim * torch.finfo(torch.float32).eps * float(sq_norms.max())
+    scratch = _scratch(Z)
+    rows = torch.empty(_CHUNK_ROWS, dim, dtype=Z.dtype, device=device)
+    q = min(_SKETCH_DIM, dim)
+    sketch = Z[:, :q]
+    sketch_sq = _sq_norms(sketch)
+    centers_sketch = torch.empty(n_centers, q, device=device)
+    centers_sketch[0] = sketch[start]
+    positions = torch.arange(_MAX_BLOCK, device=device)
+
+    min_sq = _distances_to(Z, Z[start].float(), torch.empty(n, device=device), scratch)
+    min_sq[start] = _SELECTED
+    nearest = torch.zeros(n, dtype=torch.long, device=device)  # selection position
+    selected = torch.empty(n_centers, dtype=torch.long, device=device)
+    selected[0] = start
+    report = _Progress(n_centers, verbose)
+
+    t, block = 1, _MIN_BLOCK
+    while t < n_centers:
+        far_sq, far = torch.topk(min_sq, min(block, n_centers - t))
+        far, order = torch.sort(far)
+        far_sq, order = torch.sort(far_sq.index_select(0, order), descending=True, stable=True)
+        far = far.index_select(0, order)
+        C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
+        # Stop before a pick an earlier one may move, or whose tie group topk may have cut.
+        stop = (_pairwise_sq(C, C_sq, C, C_sq) < far_sq[:, None] + tol).tril_(-1).any(1)
+        stop |= far_sq == far_sq[-1]
+        stops = stop[1:].nonzero()
+        size = 1 + int(stops[0]) if len(stops) else len(far)
+        if size == 1:  # the plain argmax, whatever topk's ties
+            far = min_sq.argmax().view(1)
+            C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
+        far, C, C_sq = far[:size], C[:size], C_sq[:size]
+
+        # Triangle inequality through each point's nearest centre p, for the closest new
+        # centre; d(p, c) is itself bounded below on the sketch, which is 4x cheaper.
+        C_sketch, C_sketch_sq = C[:, :q], sketch_sq.index_select(0, far)
+        via = _min_pairwise_sq(
+            centers_sketch[:t], sketch_sq.index_select(0, selected[:t]), C_sketch, C_sketch_sq
+        )
+        via.sub_(tol).mul_(0.25)  # d(p, c)^2 < 4 r^2 + tol, with one comparison per point
+        near = (via.index_select(0, nearest) < min_sq).nonzero().squeeze(1)
+
+        # Sketch bound |s_x - s_c|^2 < r^2, as |s_c|^2 - 2 s_x.s_c < r^2 - |s_x|^2 + tol.
+        rhs = min_sq.sub(sketch_sq).add_(tol)
+        dense = len(near) > n // 2  # then read the sketch in place rather than gather it
+        step = max(1, min(_BOUND_ELEMENTS // size, _SKETCH_ROWS))
+        for b in _batches(n if dense else len(near), step):
+            if dense:
+                S, R = sketch[b], rhs[b]
+            else:
+                idx = near[b]
+                S, R = sketch.index_select(0, idx), rhs.index_select(0, idx)
+            G = torch.addmm(C_sketch_sq[:, None], C_sketch, S.float().T, alpha=-2)
+            hit = (G.amin(0) < R).nonzero().squeeze(1)  # few points: test pairs only there
+            if len(hit):
+                owner, which = (G.index_select(1, hit) < R.index_select(0, hit)).nonzero().unbind(1)
+                which = hit.index_select(0, which)
+                points = which + b.start if dense else idx.index_select(0, which)
+                _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch)
+
+        min_sq.index_fill_(0, far, _SELECTED)
+        nearest.index_copy_(0, far, positions[:size] + t)
+        selected[t : t + size], centers_sketch[t : t + size] = far, C_sketch
+        t += size
+        block = min(_MAX_BLOCK, max(_MIN_BLOCK, 2 * size))
+        report(t, min_sq)
+    return selected, min_sq
+
+
+def _min_pairwise_sq(A, A_sq, B, B_sq):
+    """For each row of ``A``, its smallest squared distance to a row of ``B`` (bounds only)."""
+    out = torch.empty(len(A), device=A.device)
+    for b in _batches(len(A), max(1, _BOUND_ELEMENTS // len(B))):
+        torch.amin(_pairwise_sq(A[b], A_sq[b], B, B_sq), 1, out=out[b])
+    return out
+
+
+def _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch):
+    """Exact distances of ``points[i]`` to ``C[owner[i]]``; lower ``min_sq`` and ``nearest``.
+
+    ``C[j]`` is the centre at selection position ``t + j``; ``rows`` (in the
+    dtype of ``Z``) and ``scratch`` (float32) are buffers of ``_CHUNK_ROWS`` rows.
+    """
+    for b in _batches(len(points), _CHUNK_ROWS):
+        idx, centre = points[b], owner[b]
+        m = len(idx)
+        diff = scratch[:m]
+        torch.index_select(C, 0, centre, out=diff)
+        torch.sub(torch.index_select(Z, 0, idx, out=rows[:m]), diff, out=diff)
+        d = diff.square_().sum(1)
+        before = min_sq.index_select(0, idx)
+        min_sq.scatter_reduce_(0, idx, d, "amin")
+        closer = ((d < before) & (d == min_sq.index_select(0, idx))).nonzero().squeeze(1)
+        nearest.index_copy_(0, idx.index_select(0, closer), centre.index_select(0, closer) + t)
+
+
+@contextmanager
+def _one_cpu_thread(device):
+    """Run torch CPU ops on one thread, then restore the caller's setting.
+
+    The selection is a long chain of small dependent ops: a second OpenMP
+    thread gains little on them, and on a busy machine its synchronisation
+    made the selection up to 17 times slower (measured on 2 cores).
+    """
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class _Progress:
+    """sklearn-style progress lines, about ten per fit when ``verbose`` > 0."""
+
+    def __init__(self, total, verbose):
+        self.total, self.verbose = total, verbose
+        self.every = max(1, total // 10)
+        self.next = self.every
+        self.start = time.perf_counter()
+
+    def __call__(self, done, min_sq):
+        if not self.verbose or (done < self.next and done < self.total):
+            return
+        self.next = (done // self.every + 1) * self.every
+        radius = math.sqrt(max(float(min_sq.max()), 0.0))
+        print(
+            f"[GreedyCoresetSampler] {done}/{self.total} centres, "
+            f"radius {radius:.4g}, {time.perf_counter() - self.start:.2f} s"
+        )
+
+
+def k_center_greedy(
+    Z: torch.Tensor, n_centers: int, start: int, *, method: str = "accelerated", verbose: int = 0
+) -> tuple[torch.Tensor, float]:
+    """Greedy k-center selection on the rows of ``Z`` (PatchCore Alg. 1).
+
+    Parameters
+    ----------
+    Z : torch.Tensor of shape (n_samples, n_dims)
+        Points, float32, float16 or bfloat16 (distances are accumulated in
+        float32). The accelerated method prunes best on centred points whose
+        leading columns are the principal axes, as
+        :class:`GreedyCoresetSampler` prepares them; any points give the
+        same result.
+    n_centers : int
+        Number of points to select, in ``[1, n_samples]``.
+    start : int
+        Index of the first centre.
+    method : {"accelerated", "greedy"}, default="accelerated"
+        ``"greedy"`` makes one pass over ``Z`` per centre; ``"accelerated"``
+        selects the same sequence (ties aside) with bounds that skip most of
+        the work; see :class:`GreedyCoresetSampler`.
+    verbose : int, default=0
+        Print progress when positive.
+
+    Returns
+    -------
+    indices : torch.Tensor of shape (n_centers,), int64
+        Selected rows, in selection order.
+    radius : float
+        Coverage radius: largest distance of a row to its nearest selected row.
+    """
+    if not 1 <= n_centers <= len(Z) or not 0 <= start < len(Z):
+        raise ValueError(
+            f"Expected 1 <= n_centers <= {len(Z)} and 0 <= start < {len(Z)} for {len(Z)} rows; "
+            f"got n_centers={n_centers}, start={start}."
+        )
+    run = _accelerated_greedy if method == "accelerated" else _plain_greedy
+    with _one_cpu_thread(Z.device):
+        indices, min_sq = run(Z, n_centers, start, verbose)
+    return indices, math.sqrt(max(float(min_sq.max()), 0.0))
+
+
+class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
+    """Greedy k-center coreset of the rows of a feature matrix (PatchCore).
+
+    Selects ``max(1, ceil(coreset_ratio * n_samples))`` rows so that every row
+    is as close as greedily possible to a selected one, on a Gaussian random
+    projection of the features, as PatchCore builds its memory bank.
+
+    Unlike most transformers, this one **subsamples rows**: ``transform``
+    returns the selected rows of the training matrix, not a transformed copy
+    of each row. A coreset is a property of the whole set (which rows
+    represent the others), so it is chosen by ``fit`` and there is nothing to
+    compute for new rows; ``transform`` accepts only the fitted matrix.
+
+    Parameters
+    ----------
+    coreset_ratio : float in (0, 1], default=0.1
+        Fraction of rows kept. The count is ``ceil(coreset_ratio * n_samples)``,
+        at least 1, with the product rounded to 6 decimals first so that
+        float noise (``0.7 * 10 = 7.000000000000001``) does not add a row.
+        When that is every row (``1.0``), they are kept in their original
+        order without any greedy work.
+    projection_dim : int or None, default=128
+        Dimension of the Gaussian random projection the distances are computed
+        on (the paper's 128). ``None``, or a value not below ``n_features``,
+        uses the features as they are.
+    method : {"accelerated", "greedy"}, default="accelerated"
+        ``"greedy"``: exact greedy k-center, one pass over the projected
+        features per selected row. ``"accelerated"``: the same selection
+        (identical indices, exact ties aside), with most of the work skipped
+        by lower bounds on the distances (see Notes).
+    projection_dtype : {"float32", "float16", "bfloat16"}, default="float32"
+        Storage of the projected copy. Half precision halves its memory;
+        distances are still accumulated in float32, on the rounded features.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the projection and the first selected row. An int gives
+        bit-identical indices across runs.
+    device : str or torch.device, default="cpu"
+        Where the distances are computed.
+    verbose : int, default=0
+        Print the progress of the selection when positive.
+
+    Attributes
+    ----------
+    indices_ : ndarray of shape (n_selected,), int64
+        Selected rows, in selection order; the first is the random start.
+    radius_ : float
+        Coverage radius achieved in the space the selection ran in (projected
+        unless no projection was used): the largest distance of a row to its
+        nearest selected row. 0 when every row is kept.
+    projection_ : GaussianRandomProjection or None
+        The fitted projection, ``None`` when the features were used as they
+        are or ``coreset_ratio=1``.
+    n_features_in_ : int
+        Number of features seen during fit.
+    n_samples_fit_ : int
+        Number of rows seen during fit.
+
+    See Also
+    --------
+    k_center_greedy : The selection on a tensor, without projection.
+    sklearn.random_projection.GaussianRandomProjection : The projection.
+
+    Notes
+    -----
+    PatchCore (Roth et al., CVPR 2022, Sec. 3.2, Alg. 1) keeps a coreset
+    ``M_C`` of the patch features chosen greedily: start from a random row,
+    then repeatedly add the row farthest from the rows chosen so far,
+    ``argmax_m min_n ||psi(m) - psi(n)||``, with ``psi`` a random projection
+    (Johnson-Lindenstrauss). The distances only need to rank points roughly,
+    so 128 dimensions do, far below what
+    :func:`~sklearn.random_projection.johnson_lindenstrauss_min_dim` would ask
+    to preserve every distance within a few percent.
+
+    The projected features are centred and rotated onto their principal axes,
+    which leaves every distance as it is (so ``radius_`` is the radius under
+    ``projection_``) but makes the leading coordinates carry most of the
+    spread (97 % in the first 32 of 128 on PatchCore features). Both methods
+    select on this same copy.
+
+    ``method="accelerated"`` selects the farthest rows in blocks, keeping the
+    prefix that provably equals the next greedy picks, and updates a row only
+    when two lower bounds of its distance to a new centre allow an
+    improvement: the triangle inequality through the row's nearest centre,
+    and the distance on the 32 leading axes. The distances it does compute
+    are float32 sums of squared differences, exactly as ``"greedy"`` computes
+    them, so both give the same indices (exact ties are broken the same way
+    too). Memory stays within the projected copy plus a few vectors of
+    length n_samples. On data without low-dimensional structure (e.g. i.i.d.
+    Gaussian noise) the bounds prune little and it runs about as fast as
+    ``"greedy"``.
+
+    ``fit`` runs torch on one CPU thread (the caller's setting is restored
+    afterwards): the selection is a chain of small dependent operations, and
+    on a busy 2-core machine OpenMP synchronisation made it, and even the
+    projection, 2 to 17 times slower with two threads.
+
+    References
+    ----------
+    K. Roth, L. Pemula, J. Zepeda, B. Schoelkopf, T. Brox, P. Gehler,
+    "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore import GreedyCoresetSampler
+    >>> X = np.random.RandomState(0).normal(size=(1000, 64)).astype(np.float32)
+    >>> sampler = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(X)
+    >>> sampler.indices_.shape
+    (50,)
+    >>> sampler.transform(X).shape
+    (50, 64)
+    """
+
+    _parameter_constraints: dict = {
+        "coreset_ratio": [Interval(Real, 0, 1, closed="right")],
+        "projection_dim": [Interval(Integral, 1, None, closed="left"), None],
+        "method": [StrOptions({"accelerated", "greedy"})],
+        "projection_dtype": [StrOptions(set(_DTYPES))],
+        "random_state": ["random_state"],
+        "device": [str, torch.device],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        *,
+        coreset_ratio=0.1,
+        projection_dim=128,
+        method="accelerated",
+        projection_dtype="float32",
+        random_state=None,
+        device="cpu",
+        verbose=0,
+    ):
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.method = method
+        self.projection_dtype = projection_dtype
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y=None):
+        """Select the coreset rows of ``X``.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+            Features, converted to float32.
+        y : Ignored
+            Not used, present for API consistency by convention.
+
+        Returns
+        -------
+        self : object
+            Fitted sampler.
+        """
+        X = validate_data(self, _to_numpy(X), dtype=np.float32)
+        n_samples, n_features = X.shape
+        self.n_samples_fit_ = n_samples
+        rng = check_random_state(self.random_state)
+        projection_seed = rng.randint(np.iinfo(np.int32).max)
+        start = int(rng.randint(n_samples))
+        n_selected = max(1, math.ceil(round(self.coreset_ratio * n_samples, 6)))
+
+        self.projection_ = None
+        if n_selected == n_samples:
+            self.indices_ = np.arange(n_samples, dtype=np.int64)
+            self.radius_ = 0.0
+            return self
+        if self.projection_dim is not None and self.projection_dim < n_features:
+            # Only the shape of X matters to fit the projection.
+            self.projection_ = GaussianRandomProjection(
+                self.projection_dim, random_state=projection_seed
+            ).fit(X[:1])
+        device = torch.device(self.device)
+        with _one_cpu_thread(device):
+            Z = _project(X, self.projection_, _DTYPES[self.projection_dtype], device)
+            indices, self.radius_ = k_center_greedy(
+                Z, n_selected, start, method=self.method, verbose=self.verbose
+            )
+        self.indices_ = indices.cpu().numpy()
+        return self
+
+    def transform(self, X):
+        """Return the coreset rows of the fitted matrix.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples_fit_, n_features)
+            The matrix passed to ``fit``; only its selected rows are read.
+
+        Returns
+        -------
+        X_coreset : ndarray of shape (n_selected, n_features), float32
+            ``X[indices_]``, in selection order.
+        """
+        check_is_fitted(self)
+        X = validate_data(self, _to_numpy(X), dtype=np.float32, reset=False)
+        if len(X) != self.n_samples_fit_:
+            raise ValueError(
+                f"GreedyCoresetSampler.transform returns rows of the matrix it was fitted on, "
+                f"which had {self.n_samples_fit_} rows; got X with {len(X)} rows."
+            )
+        return X[self.indices_]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float32"]
+        return tags
+
+
+def _to_numpy(X):
+    """Torch tensors cross the public boundary as numpy arrays (no copy on CPU)."""
+    if isinstance(X, torch.Tensor):
+        return X.detach().cpu().numpy()
+    return X
+
+
+def _project(X: np.ndarray, projection, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Centred, projected copy of ``X`` on its principal axes, ``dtype`` on ``device``.
+
+    Rotating leaves distances as they are and puts most of the spread in the
+    leading columns, which the accelerated selection uses as a lower bound.
+    """
+    matrix = None if projection is None else torch.tensor(projection.components_.T, device=device)
+    mean = torch.tensor(X.mean(0, dtype=np.float64), dtype=torch.float32, device=device)
+    dim = X.shape[1] if matrix is None else matrix.shape[1]
+    Z = torch.empty(len(X), dim, dtype=dtype, device=device)
+    # Reused 1 MiB batches: the only copies of input rows that the projection makes.
+    step = max(1, (1 << 18) // X.shape[1])
+    batch = np.empty((step, X.shape[1]), dtype=np.float32)
+    out = None if matrix is None else torch.empty(step, dim, device=device)
+    for b in _batches(len(X), step):
+        m = b.stop - b.start
+        batch[:m] = X[b]
+        rows = torch.from_numpy(batch[:m]).to(device).sub_(mean)
+        Z[b] = rows if matrix is None else torch.mm(rows, matrix, out=out[:m])
+    if dim <= _MAX_ROTATED_DIM:
+        _rotate_to_principal_axes(Z)
+    return Z
+
+
+def _rotate_to_principal_axes(Z: torch.Tensor) -> None:
+    """Rotate the centred rows of ``Z`` in place onto its principal axes, largest first."""
+    scratch = _scratch(Z)
+    gram = torch.zeros(Z.shape[1], Z.shape[1], device=Z.device)
+    for b in _batches(len(Z), _CHUNK_ROWS):
+        rows = scratch[: b.stop - b.start].copy_(Z[b])
+        gram.addmm_(rows.T, rows)
+    # eigh in float64 keeps the axes orthonormal whatever the rounding of the Gram matrix.
+    axes = torch.linalg.eigh(gram.double()).eigenvectors.flip(1).float()
+    rotated = torch.empty_like(scratch)
+    for b in _batches(len(Z), _CHUNK_ROWS):
+        m = b.stop - b.start
+        Z[b] = torch.mm(scratch[:m].copy_(Z[b]), axes, out=rotated[:m])

@@ -1,0 +1,210 @@
+"""Greedy k-center coreset subsampling (PatchCore Sec. 3.2)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils._param_validation import InvalidParameterError
+
+from skpatchcore.coreset import GreedyCoresetSampler, k_center_greedy
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    return np.random.RandomState(0).normal(size=(2000, 160)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    """Far-apart clusters of low intrinsic dimension, like patch features (exact ties happen)."""
+    rng = np.random.RandomState(1)
+    centers = rng.normal(scale=10.0, size=(30, 48))
+    spans = rng.normal(size=(30, 4, 48))
+    labels = rng.randint(30, size=4000)
+    latent = rng.normal(size=(4000, 1, 4))
+    points = centers[labels] + (latent @ spans[labels])[:, 0] + 0.05 * rng.normal(size=(4000, 48))
+    return points.astype(np.float32)
+
+
+def coverage_radius(X, indices):
+    """Largest distance of a row of X to its nearest selected row, by brute force."""
+    d = np.sqrt(((X[:, None, :] - X[indices][None, :, :]) ** 2).sum(-1))
+    return d.min(1).max()
+
+
+def brute_force_greedy(X, n_centers, start):
+    """Farthest-first traversal on the full distance matrix."""
+    d = np.sqrt(((X[:, None, :] - X[None, :, :]) ** 2).sum(-1))
+    chosen = [start]
+    for _ in range(n_centers - 1):
+        chosen.append(int(d[:, chosen].min(1).argmax()))
+    return np.array(chosen)
+
+
+def test_same_random_state_gives_bit_identical_indices(clusters):
+    a = GreedyCoresetSampler(coreset_ratio=0.05, random_state=7).fit(clusters)
+    b = GreedyCoresetSampler(coreset_ratio=0.05, random_state=7).fit(clusters)
+    np.testing.assert_array_equal(a.indices_, b.indices_)
+    assert a.radius_ == b.radius_
+
+
+def test_different_random_states_start_from_different_rows(clusters):
+    starts = {
+        int(GreedyCoresetSampler(coreset_ratio=0.01, random_state=seed).fit(clusters).indices_[0])
+        for seed in range(5)
+    }
+    assert len(starts) == 5
+
+
+@pytest.mark.parametrize(
+    "ratio, n_samples, expected",
+    [(0.01, 2000, 20), (0.1, 2000, 200), (0.25, 2000, 500), (0.333, 2000, 666), (0.7, 10, 7)],
+)
+def test_selects_ceil_of_ratio_times_rows(ratio, n_samples, expected):
+    X = np.random.RandomState(0).normal(size=(n_samples, 8)).astype(np.float32)
+    sampler = GreedyCoresetSampler(coreset_ratio=ratio, random_state=0).fit(X)
+    assert sampler.indices_.shape == (expected,)
+    assert sampler.indices_.dtype == np.int64
+
+
+def test_tiny_ratio_still_selects_one_row(gaussian):
+    sampler = GreedyCoresetSampler(coreset_ratio=1e-9, random_state=0).fit(gaussian)
+    assert sampler.indices_.shape == (1,)
+
+
+def test_ratio_one_keeps_every_row_in_order(gaussian):
+    sampler = GreedyCoresetSampler(coreset_ratio=1.0, random_state=0).fit(gaussian)
+    np.testing.assert_array_equal(sampler.indices_, np.arange(len(gaussian)))
+    assert sampler.radius_ == 0.0
+    assert sampler.projection_ is None
+
+
+@pytest.mark.parametrize("method", ["greedy", "accelerated"])
+def test_indices_are_unique_and_in_range(clusters, method):
+    indices = GreedyCoresetSampler(coreset_ratio=0.2, method=method, random_state=0).fit(clusters).indices_
+    assert len(np.unique(indices)) == len(indices) == 800
+    assert indices.min() >= 0 and indices.max() < len(clusters)
+
+
+def test_duplicate_rows_are_never_selected_twice():
+    X = np.repeat(np.random.RandomState(0).normal(size=(10, 6)), 20, axis=0).astype(np.float32)
+    indices = GreedyCoresetSampler(coreset_ratio=0.5, random_state=0).fit(X).indices_
+    assert len(np.unique(indices)) == 100
+    assert len(np.unique(X[indices[:10]], axis=0)) == 10  # every distinct row first
+
+
+@pytest.mark.parametrize("data", ["gaussian", "clusters"])
+def test_accelerated_selects_the_same_indices_as_greedy(data, request):
+    X = request.getfixturevalue(data)
+    plain = GreedyCoresetSampler(coreset_ratio=0.1, method="greedy", random_state=3).fit(X)
+    fast = GreedyCoresetSampler(coreset_ratio=0.1, method="accelerated", random_state=3).fit(X)
+    np.testing.assert_array_equal(fast.indices_, plain.indices_)
+
+
+def test_accelerated_radius_within_5_percent_of_greedy_in_feature_space(gaussian):
+    plain = GreedyCoresetSampler(coreset_ratio=0.05, method="greedy", random_state=0).fit(gaussian)
+    fast = GreedyCoresetSampler(coreset_ratio=0.05, method="accelerated", random_state=0).fit(gaussian)
+    radii = [coverage_radius(gaussian, s.indices_) for s in (plain, fast)]
+    assert radii[1] <= 1.05 * radii[0]
+
+
+@pytest.mark.parametrize("method", ["greedy", "accelerated"])
+def test_greedy_matches_brute_force_farthest_first_traversal(method):
+    X = np.random.RandomState(2).uniform(size=(60, 2)).astype(np.float32)
+    sampler = GreedyCoresetSampler(
+        coreset_ratio=0.2, projection_dim=None, method=method, random_state=0
+    ).fit(X)
+    expected = brute_force_greedy(X, 12, int(sampler.indices_[0]))
+    np.testing.assert_array_equal(sampler.indices_, expected)
+
+
+def test_greedy_radius_is_within_twice_the_optimal_k_center_radius():
+    X = np.random.RandomState(3).uniform(size=(14, 2)).astype(np.float32)
+    radius = GreedyCoresetSampler(
+        coreset_ratio=3 / 14, projection_dim=None, method="greedy", random_state=0
+    ).fit(X).radius_
+    optimum = min(coverage_radius(X, list(c)) for c in itertools.combinations(range(14), 3))
+    assert optimum <= radius <= 2 * optimum
+
+
+def test_radius_is_the_coverage_radius_of_the_selection(clusters):
+    sampler = GreedyCoresetSampler(coreset_ratio=0.05, projection_dim=None, random_state=0).fit(clusters)
+    assert sampler.radius_ == pytest.approx(coverage_radius(clusters, sampler.indices_), rel=1e-4)
+
+
+def test_projects_to_projection_dim_only_below_n_features(gaussian):
+    projected = GreedyCoresetSampler(coreset_ratio=0.01, projection_dim=32, random_state=0).fit(gaussian)
+    assert projected.projection_.components_.shape == (32, 160)
+    kept = GreedyCoresetSampler(coreset_ratio=0.01, projection_dim=160, random_state=0).fit(gaussian)
+    assert kept.projection_ is None
+
+
+def test_transform_returns_the_selected_rows_in_order(clusters):
+    sampler = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
+    coreset = sampler.transform(clusters)
+    assert coreset.dtype == np.float32
+    np.testing.assert_array_equal(coreset, clusters[sampler.indices_])
+    np.testing.assert_array_equal(
+        GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit_transform(clusters), coreset
+    )
+
+
+def test_transform_rejects_a_matrix_with_other_rows(clusters):
+    sampler = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
+    with pytest.raises(ValueError, match="fitted on, which had 4000 rows; got X with 3999 rows"):
+        sampler.transform(clusters[:-1])
+
+
+def test_transform_rejects_a_matrix_with_other_features(clusters):
+    sampler = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
+    with pytest.raises(ValueError, match="48 features"):
+        sampler.transform(clusters[:, :10])
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [("coreset_ratio", 0.0), ("coreset_ratio", 1.5), ("method", "fast"), ("projection_dim", 0),
+     ("projection_dtype", "int8"), ("device", 3)],
+)
+def test_invalid_parameters_are_rejected_at_fit(gaussian, param, value):
+    with pytest.raises(InvalidParameterError, match=param):
+        GreedyCoresetSampler(**{param: value}).fit(gaussian)
+
+
+def test_torch_input_selects_the_same_rows_as_numpy(clusters):
+    from_numpy = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
+    from_torch = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(torch.from_numpy(clusters))
+    np.testing.assert_array_equal(from_torch.indices_, from_numpy.indices_)
+    coreset = from_torch.transform(torch.from_numpy(clusters))
+    assert isinstance(coreset, np.ndarray) and coreset.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_projection_keeps_the_coverage(clusters, dtype):
+    full = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
+    half = GreedyCoresetSampler(coreset_ratio=0.05, projection_dtype=dtype, random_state=0).fit(clusters)
+    assert len(np.unique(half.indices_)) == len(full.indices_)
+    radii = [coverage_radius(clusters, s.indices_) for s in (full, half)]
+    assert radii[1] <= 1.05 * radii[0]
+
+
+def test_half_precision_accelerated_matches_half_precision_greedy(clusters):
+    fits = [
+        GreedyCoresetSampler(
+            coreset_ratio=0.05, method=method, projection_dtype="float16", random_state=0
+        ).fit(clusters)
+        for method in ("greedy", "accelerated")
+    ]
+    np.testing.assert_array_equal(fits[0].indices_, fits[1].indices_)
+
+
+def test_verbose_prints_progress(clusters, capsys):
+    GreedyCoresetSampler(coreset_ratio=0.05, random_state=0, verbose=1).fit(clusters)
+    out = capsys.readouterr().out
+    assert "[GreedyCoresetSampler] 200/200 centres, radius" in out
+
+
+def test_k_center_greedy_rejects_more_centres_than_rows():
+    with pytest.raises(ValueError, match="1 <= n_centers <= 5"):
+        k_center_greedy(torch.zeros(5, 2), 6, 0)

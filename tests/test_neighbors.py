@@ -1,0 +1,237 @@
+"""Exact and pynndescent nearest-neighbour search of the memory bank."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+from sklearn.utils._param_validation import InvalidParameterError
+
+from skpatchcore.neighbors import NearestNeighborIndex, exact_kneighbors
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.RandomState(0)
+    bank = rng.normal(size=(300, 16)).astype(np.float32)
+    queries = rng.normal(size=(120, 16)).astype(np.float32)
+    return bank, queries
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    """Gaussian clusters of low intrinsic dimension, like patch features: bank and queries."""
+    rng = np.random.RandomState(0)
+    centers = rng.normal(scale=10.0, size=(20, 32))
+    spans = rng.normal(size=(20, 4, 32))  # each cluster lies near a 4-D subspace
+    labels = rng.randint(20, size=3000)
+    latent = rng.normal(size=(3000, 1, 4))
+    points = centers[labels] + (latent @ spans[labels])[:, 0] + 0.05 * rng.normal(size=(3000, 32))
+    return points[:2500].astype(np.float32), points[2500:].astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def approximate_index(clusters):
+    # Building compiles pynndescent's numba graph construction (tens of seconds,
+    # not cached on disk by pynndescent): one index for the whole module.
+    bank, _ = clusters
+    return NearestNeighborIndex("pynndescent", random_state=0).fit(bank)
+
+
+@pytest.mark.parametrize("n_neighbors", [1, 5])
+def test_exact_matches_sklearn_brute_force(data, n_neighbors):
+    bank, queries = data
+    dist, idx = exact_kneighbors(queries, bank, n_neighbors)
+    want_dist, want_idx = (
+        NearestNeighbors(n_neighbors=n_neighbors, algorithm="brute").fit(bank).kneighbors(queries)
+    )
+    assert dist.dtype == np.float32 and idx.dtype == np.int64
+    assert dist.shape == idx.shape == (len(queries), n_neighbors)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, want_dist, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_distances_of_duplicates_are_clipped_at_zero():
+    # Large norms make ||a||² - 2ab + ||b||² cancel badly; the result must not go negative.
+    rng = np.random.RandomState(0)
+    bank = (100.0 + rng.normal(size=(50, 32))).astype(np.float32)
+    dist, _ = exact_kneighbors(bank, bank, 1)
+    assert np.all(dist >= 0)  # no NaN from the square root of a negative either
+    # float32 rounding of the expansion: at most ~5e-4 of the norm near zero.
+    assert np.all(dist[:, 0] <= 5e-4 * np.linalg.norm(bank, axis=1))
+
+
+def test_groups_exclude_bank_entries_of_the_same_group(data):
+    bank, queries = data
+    rng = np.random.RandomState(1)
+    query_groups = rng.randint(4, size=len(queries))
+    bank_groups = rng.randint(4, size=len(bank))
+    dist, idx = exact_kneighbors(
+        queries, bank, 3, query_groups=query_groups, bank_groups=bank_groups
+    )
+    full = np.linalg.norm(queries[:, None, :] - bank[None, :, :], axis=2)
+    full[query_groups[:, None] == bank_groups[None, :]] = np.inf
+    want_idx = np.argsort(full, axis=1)[:, :3]
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, np.take_along_axis(full, want_idx, axis=1), rtol=1e-5)
+    assert not np.any(query_groups[:, None] == bank_groups[idx])
+
+
+def test_tiny_working_memory_gives_identical_results(data):
+    bank, queries = data
+    # 0.01 MiB holds about 4 rows of 300 distances: many chunks.
+    chunked = exact_kneighbors(queries, bank, 4, working_memory=0.01)
+    whole = exact_kneighbors(queries, bank, 4)
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
+
+
+def test_exact_accepts_torch_tensors_and_precomputed_norms(data):
+    bank, queries = data
+    norms = (bank.astype(np.float64) ** 2).sum(axis=1)
+    dist, idx = exact_kneighbors(torch.from_numpy(queries), torch.from_numpy(bank), 2, bank_sq_norms=norms)
+    want_dist, want_idx = exact_kneighbors(queries, bank, 2)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, want_dist, rtol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(data):
+    bank, queries = data
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        exact_kneighbors(queries, bank, device="cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        NearestNeighborIndex("exact", device="cuda").fit(bank)
+
+
+def test_auto_resolves_to_exact_for_a_small_bank(data):
+    bank, queries = data
+    index = NearestNeighborIndex().fit(bank)
+    assert index.algorithm_ == "exact" and index.index_ is None
+    assert index.n_samples_fit_ == 300 and index.n_features_in_ == 16
+    assert index.bank_.flags.c_contiguous and index.bank_.dtype == np.float32
+    np.testing.assert_allclose(index.bank_sq_norms_, (bank**2).sum(axis=1), rtol=1e-5)
+    dist, idx = index.kneighbors(queries, 2)
+    want_dist, want_idx = exact_kneighbors(queries, bank, 2)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(dist, want_dist)
+
+
+def test_fit_copies_the_bank(data):
+    bank, _ = data
+    bank = bank.copy()
+    index = NearestNeighborIndex("exact").fit(bank)
+    bank[:] = 0.0
+    assert np.any(index.bank_ != 0.0)
+
+
+def test_pynndescent_recall_on_gaussian_clusters(approximate_index, clusters):
+    bank, queries = clusters
+    assert approximate_index.algorithm_ == "pynndescent"
+    dist, idx = approximate_index.kneighbors(queries, 1)
+    _, want_idx = exact_kneighbors(queries, bank, 1)
+    assert dist.dtype == np.float32 and idx.dtype == np.int64
+    assert np.mean(idx[:, 0] == want_idx[:, 0]) >= 0.9
+    # Whatever it returns is a real bank entry at the distance it reports.
+    np.testing.assert_allclose(dist[:, 0], np.linalg.norm(queries - bank[idx[:, 0]], axis=1), rtol=1e-4)
+
+
+def test_pynndescent_exact_flag_bypasses_the_graph(approximate_index, clusters):
+    bank, queries = clusters
+    dist, idx = approximate_index.kneighbors(queries, 9, exact=True)
+    want_dist, want_idx = exact_kneighbors(queries, bank, 9)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(dist, want_dist)
+
+
+def test_pynndescent_rows_it_leaves_short_are_searched_exactly(approximate_index, clusters, monkeypatch):
+    _, queries = clusters
+    query = approximate_index.index_.query
+
+    def short_of_neighbors(X, k, epsilon):
+        # What pynndescent returns when the graph search finds fewer than k.
+        indices, distances = query(X, k=k, epsilon=epsilon)
+        indices[0, -1], distances[0, -1] = -1, np.inf
+        return indices, distances
+
+    monkeypatch.setattr(approximate_index.index_, "query", short_of_neighbors)
+    dist, idx = approximate_index.kneighbors(queries[:5], 3)
+    want_dist, want_idx = approximate_index.kneighbors(queries[:1], 3, exact=True)
+    np.testing.assert_array_equal(idx[0], want_idx[0])
+    np.testing.assert_array_equal(dist[0], want_dist[0])
+    assert np.all(np.isfinite(dist))
+
+
+def test_pynndescent_pickle_round_trip_reuses_the_index(approximate_index, clusters, monkeypatch):
+    import pynndescent
+
+    _, queries = clusters
+    blob = pickle.dumps(approximate_index)
+    # Loading and querying must neither rebuild the graph nor re-prepare the index.
+    for method in ("__init__", "prepare", "_init_search_graph"):
+        monkeypatch.setattr(pynndescent.NNDescent, method, _must_not_be_called)
+    loaded = pickle.loads(blob)
+    graph, loaded_graph = approximate_index.index_._search_graph, loaded.index_._search_graph
+    np.testing.assert_array_equal(loaded_graph.indptr, graph.indptr)
+    np.testing.assert_array_equal(loaded_graph.indices, graph.indices)
+    for got, want in zip(loaded.kneighbors(queries, 3), approximate_index.kneighbors(queries, 3)):
+        np.testing.assert_array_equal(got, want)
+
+
+def _must_not_be_called(*args, **kwargs):
+    raise AssertionError("the pynndescent index was rebuilt")
+
+
+@pytest.mark.parametrize(
+    "make_query, message",
+    [
+        (lambda q: q[:, :5], "features"),
+        (lambda q: np.where(np.eye(len(q), q.shape[1]) > 0, np.nan, q), "NaN"),
+        (lambda q: q[0], "2D array"),
+    ],
+    ids=["dim-mismatch", "nan", "1d"],
+)
+def test_invalid_queries_are_rejected(data, make_query, message):
+    bank, queries = data
+    bad = make_query(queries)
+    with pytest.raises(ValueError, match=message):
+        NearestNeighborIndex("exact").fit(bank).kneighbors(bad)
+    with pytest.raises(ValueError, match=message):
+        exact_kneighbors(bad, bank)
+
+
+def test_nan_in_the_bank_is_rejected(data):
+    bank, _ = data
+    bad = bank.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        NearestNeighborIndex("exact").fit(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        exact_kneighbors(bank, torch.from_numpy(bad))
+
+
+def test_more_neighbors_than_bank_entries_is_rejected(data):
+    bank, queries = data
+    with pytest.raises(ValueError, match="larger than the 300 bank samples"):
+        NearestNeighborIndex("exact").fit(bank).kneighbors(queries, 301)
+    with pytest.raises(ValueError, match="larger than the 300 bank samples"):
+        exact_kneighbors(queries, bank, 301)
+
+
+def test_groups_leaving_too_few_candidates_are_rejected():
+    bank = np.zeros((4, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="only 1 bank samples"):
+        exact_kneighbors(bank[:1], bank, 2, query_groups=[0], bank_groups=[0, 0, 0, 1])
+    with pytest.raises(ValueError, match="given together"):
+        exact_kneighbors(bank[:1], bank, query_groups=[0])
+
+
+def test_invalid_parameters_are_rejected(data):
+    bank, _ = data
+    with pytest.raises(InvalidParameterError):
+        NearestNeighborIndex("kd_tree").fit(bank)
+    with pytest.raises(InvalidParameterError):
+        exact_kneighbors(bank, bank, 0)
+    with pytest.raises(ValueError, match="more bank samples than n_graph_neighbors"):
+        NearestNeighborIndex("pynndescent", n_graph_neighbors=30).fit(bank[:20])
