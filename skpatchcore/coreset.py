@@ -28,12 +28,13 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # memory, as the C allocator keeps much of what it frees.
 _CHUNK_ROWS = 2_048
 # Elements of a (new centres x points) bound matrix evaluated at a time (2 MiB), and
-# most sketch rows gathered for it (2 MiB at 32 dims).
-_BOUND_ELEMENTS, _SKETCH_ROWS = 1 << 19, 1 << 14
+# most points screened at once (1 MiB of coarse coordinates).
+_BOUND_ELEMENTS, _SCREEN_ROWS = 1 << 19, 1 << 14
 # Block of candidate centres examined at once by the accelerated method.
 _MIN_BLOCK, _MAX_BLOCK = 8, 256
-# Leading principal axes whose coordinates bound distances from below (accelerated).
-_SKETCH_DIM = 32
+# Leading coordinates (principal axes) that bound distances from below in the accelerated
+# method: a coarse screen of every candidate pair, then a finer one of the pairs left.
+_COARSE_DIM, _FINE_DIM = 16, 32
 # Largest dimension rotated onto its principal axes (the rotation costs n * dim^2).
 _MAX_ROTATED_DIM = 256
 
@@ -77,6 +78,7 @@ def _pairwise_sq(A, A_sq, B, B_sq):
 
 
 def _plain_greedy(Z, n_centers, start, verbose):
+    """Greedy k-center as in PatchCore Alg. 1: one pass over ``Z`` per centre."""
     n = len(Z)
     min_sq = torch.full((n,), math.inf, device=Z.device)
     dist, scratch = torch.empty(n, device=Z.device), _scratch(Z)
@@ -102,10 +104,10 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
     that prefix untouched. A point x at distance r of its nearest centre p is
     then updated only where two lower bounds of d(x, c), for a new centre c,
     fall below r: the triangle inequality ``d(x, c) >= d(p, c) - r`` (so
-    ``d(p, c) >= 2 r`` rules x out) and the distance on the leading
-    ``_SKETCH_DIM`` columns, a lower bound that is tight when those are the
-    principal axes (as :func:`_project` arranges). Survivors get the exact
-    distance, computed as the plain method does.
+    ``d(p, c) >= 2 r`` rules x out) and the distance on the leading 16, then
+    32, columns, lower bounds that are tight when those are the principal
+    axes (as :func:`_project` arranges). Survivors get the exact distance,
+    computed as the plain method does.
     """
     n, dim = Z.shape
     device = Z.device
@@ -114,13 +116,14 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
     tol = 16 * dim * torch.finfo(torch.float32).eps * float(sq_norms.max())
     scratch = _scratch(Z)
     rows = torch.empty(_CHUNK_ROWS, dim, dtype=Z.dtype, device=device)
-    q = min(_SKETCH_DIM, dim)
-    sketch = Z[:, :q]
-    sketch_sq = _sq_norms(sketch)
-    centers_sketch = torch.empty(n_centers, q, device=device)
-    centers_sketch[0] = sketch[start]
+    q1, q2 = min(_COARSE_DIM, dim), min(_FINE_DIM, dim)
+    coarse, fine = Z[:, :q1], Z[:, :q2]
+    coarse_sq, fine_sq = _sq_norms(coarse), _sq_norms(fine)
+    centers_fine = torch.empty(n_centers, q2, device=device)
+    centers_fine[0] = fine[start]
     positions = torch.arange(_MAX_BLOCK, device=device)
 
+    dist = torch.empty(n, device=device)
     min_sq = _distances_to(Z, Z[start].float(), torch.empty(n, device=device), scratch)
     min_sq[start] = _SELECTED
     nearest = torch.zeros(n, dtype=torch.long, device=device)  # selection position
@@ -146,35 +149,46 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
         far, C, C_sq = far[:size], C[:size], C_sq[:size]
 
         # Triangle inequality through each point's nearest centre p, for the closest new
-        # centre; d(p, c) is itself bounded below on the sketch, which is 4x cheaper.
-        C_sketch, C_sketch_sq = C[:, :q], sketch_sq.index_select(0, far)
+        # centre; d(p, c) is itself bounded below on the fine coordinates, 4x cheaper.
+        C_fine, C_fine_sq = C[:, :q2], fine_sq.index_select(0, far)
         via = _min_pairwise_sq(
-            centers_sketch[:t], sketch_sq.index_select(0, selected[:t]), C_sketch, C_sketch_sq
+            centers_fine[:t], fine_sq.index_select(0, selected[:t]), C_fine, C_fine_sq
         )
         via.sub_(tol).mul_(0.25)  # d(p, c)^2 < 4 r^2 + tol, with one comparison per point
         near = (via.index_select(0, nearest) < min_sq).nonzero().squeeze(1)
 
-        # Sketch bound |s_x - s_c|^2 < r^2, as |s_c|^2 - 2 s_x.s_c < r^2 - |s_x|^2 + tol.
-        rhs = min_sq.sub(sketch_sq).add_(tol)
-        dense = len(near) > n // 2  # then read the sketch in place rather than gather it
-        step = max(1, min(_BOUND_ELEMENTS // size, _SKETCH_ROWS))
-        for b in _batches(n if dense else len(near), step):
+        # Leading-coordinate bounds |s_x - s_c|^2 < r^2, written for a matrix product as
+        # |s_c|^2 - 2 s_x.s_c < r^2 - |s_x|^2 + tol: coarse for all, fine for the points left.
+        C_coarse, C_coarse_sq = C[:, :q1], coarse_sq.index_select(0, far)
+        rhs = min_sq.sub(coarse_sq).add_(tol)
+        dense = len(near) > n // 2  # then read the coordinates in place rather than gather
+        step = max(1, min(_BOUND_ELEMENTS // size, _SCREEN_ROWS))
+        for i, b in enumerate(_batches(n if dense else len(near), step)):
             if dense:
-                S, R = sketch[b], rhs[b]
+                S, R = coarse[b], rhs[b]
             else:
                 idx = near[b]
-                S, R = sketch.index_select(0, idx), rhs.index_select(0, idx)
-            G = torch.addmm(C_sketch_sq[:, None], C_sketch, S.float().T, alpha=-2)
-            hit = (G.amin(0) < R).nonzero().squeeze(1)  # few points: test pairs only there
-            if len(hit):
-                owner, which = (G.index_select(1, hit) < R.index_select(0, hit)).nonzero().unbind(1)
-                which = hit.index_select(0, which)
-                points = which + b.start if dense else idx.index_select(0, which)
-                _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch)
+                S, R = coarse.index_select(0, idx), rhs.index_select(0, idx)
+            G = torch.addmm(C_coarse_sq[:, None], C_coarse, S.float().T, alpha=-2)
+            hit = (G.amin(0) < R).nonzero().squeeze(1)
+            if dense and i == 0 and 2 * len(hit) > b.stop:
+                # The bounds keep most points (early on, or data without low-dimensional
+                # structure): plain passes over Z cost less than screening and gathering.
+                _full_passes(Z, min_sq, nearest, C, t, dist, scratch)
+                break
+            if not len(hit):
+                continue
+            points = hit + b.start if dense else idx.index_select(0, hit)
+            S = fine.index_select(0, points).float()
+            G = torch.addmm(C_fine_sq[:, None], C_fine, S.T, alpha=-2)
+            R = min_sq.index_select(0, points).sub_(fine_sq.index_select(0, points)).add_(tol)
+            owner, which = (G < R).nonzero().unbind(1)
+            points = points.index_select(0, which)
+            _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch)
 
         min_sq.index_fill_(0, far, _SELECTED)
         nearest.index_copy_(0, far, positions[:size] + t)
-        selected[t : t + size], centers_sketch[t : t + size] = far, C_sketch
+        selected[t : t + size], centers_fine[t : t + size] = far, C_fine
         t += size
         block = min(_MAX_BLOCK, max(_MIN_BLOCK, 2 * size))
         report(t, min_sq)
@@ -187,6 +201,15 @@ def _min_pairwise_sq(A, A_sq, B, B_sq):
     for b in _batches(len(A), max(1, _BOUND_ELEMENTS // len(B))):
         torch.amin(_pairwise_sq(A[b], A_sq[b], B, B_sq), 1, out=out[b])
     return out
+
+
+def _full_passes(Z, min_sq, nearest, C, t, dist, scratch):
+    """Plain passes over ``Z`` for the centres ``C`` (positions ``t``, ``t + 1``, ...)."""
+    for j, centre in enumerate(C):
+        d = _distances_to(Z, centre, dist, scratch)
+        closer = (d < min_sq).nonzero().squeeze(1)
+        min_sq.index_copy_(0, closer, d.index_select(0, closer))
+        nearest.index_fill_(0, closer, t + j)
 
 
 def _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch):
@@ -264,8 +287,8 @@ def k_center_greedy(
         Index of the first centre.
     method : {"accelerated", "greedy"}, default="accelerated"
         ``"greedy"`` makes one pass over ``Z`` per centre; ``"accelerated"``
-        selects the same sequence (ties aside) with bounds that skip most of
-        the work; see :class:`GreedyCoresetSampler`.
+        selects the same sequence with bounds that skip most of the work; see
+        :class:`GreedyCoresetSampler`.
     verbose : int, default=0
         Print progress when positive.
 
@@ -276,6 +299,8 @@ def k_center_greedy(
     radius : float
         Coverage radius: largest distance of a row to its nearest selected row.
     """
+    if method not in ("accelerated", "greedy"):
+        raise ValueError(f"method must be 'accelerated' or 'greedy'; got {method!r}.")
     if not 1 <= n_centers <= len(Z) or not 0 <= start < len(Z):
         raise ValueError(
             f"Expected 1 <= n_centers <= {len(Z)} and 0 <= start < {len(Z)} for {len(Z)} rows; "
@@ -315,8 +340,8 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
     method : {"accelerated", "greedy"}, default="accelerated"
         ``"greedy"``: exact greedy k-center, one pass over the projected
         features per selected row. ``"accelerated"``: the same selection
-        (identical indices, exact ties aside), with most of the work skipped
-        by lower bounds on the distances (see Notes).
+        (identical indices), with most of the work skipped by lower bounds on
+        the distances (see Notes).
     projection_dtype : {"float32", "float16", "bfloat16"}, default="float32"
         Storage of the projected copy. Half precision halves its memory;
         distances are still accumulated in float32, on the rounded features.
@@ -370,13 +395,13 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
     prefix that provably equals the next greedy picks, and updates a row only
     when two lower bounds of its distance to a new centre allow an
     improvement: the triangle inequality through the row's nearest centre,
-    and the distance on the 32 leading axes. The distances it does compute
-    are float32 sums of squared differences, exactly as ``"greedy"`` computes
-    them, so both give the same indices (exact ties are broken the same way
-    too). Memory stays within the projected copy plus a few vectors of
-    length n_samples. On data without low-dimensional structure (e.g. i.i.d.
-    Gaussian noise) the bounds prune little and it runs about as fast as
-    ``"greedy"``.
+    and the distance on the 16, then 32, leading axes. The distances it does
+    compute are float32 sums of squared differences, exactly as ``"greedy"``
+    computes them, so both give the same indices (checked on CPU; exact ties
+    are broken the same way too). Memory stays within the projected copy plus a few vectors
+    of length n_samples. Where the bounds keep most rows (the first centres,
+    or data without low-dimensional structure such as i.i.d. noise) it makes
+    plain passes instead, and runs about as fast as ``"greedy"``.
 
     ``fit`` runs torch on one CPU thread (the caller's setting is restored
     afterwards): the selection is a chain of small dependent operations, and

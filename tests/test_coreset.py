@@ -82,7 +82,8 @@ def test_ratio_one_keeps_every_row_in_order(gaussian):
 
 @pytest.mark.parametrize("method", ["greedy", "accelerated"])
 def test_indices_are_unique_and_in_range(clusters, method):
-    indices = GreedyCoresetSampler(coreset_ratio=0.2, method=method, random_state=0).fit(clusters).indices_
+    sampler = GreedyCoresetSampler(coreset_ratio=0.2, method=method, random_state=0)
+    indices = sampler.fit(clusters).indices_
     assert len(np.unique(indices)) == len(indices) == 800
     assert indices.min() >= 0 and indices.max() < len(clusters)
 
@@ -103,8 +104,10 @@ def test_accelerated_selects_the_same_indices_as_greedy(data, request):
 
 
 def test_accelerated_radius_within_5_percent_of_greedy_in_feature_space(gaussian):
-    plain = GreedyCoresetSampler(coreset_ratio=0.05, method="greedy", random_state=0).fit(gaussian)
-    fast = GreedyCoresetSampler(coreset_ratio=0.05, method="accelerated", random_state=0).fit(gaussian)
+    plain, fast = (
+        GreedyCoresetSampler(coreset_ratio=0.05, method=method, random_state=0).fit(gaussian)
+        for method in ("greedy", "accelerated")
+    )
     radii = [coverage_radius(gaussian, s.indices_) for s in (plain, fast)]
     assert radii[1] <= 1.05 * radii[0]
 
@@ -129,15 +132,16 @@ def test_greedy_radius_is_within_twice_the_optimal_k_center_radius():
 
 
 def test_radius_is_the_coverage_radius_of_the_selection(clusters):
-    sampler = GreedyCoresetSampler(coreset_ratio=0.05, projection_dim=None, random_state=0).fit(clusters)
+    sampler = GreedyCoresetSampler(coreset_ratio=0.05, projection_dim=None, random_state=0)
+    sampler.fit(clusters)
     assert sampler.radius_ == pytest.approx(coverage_radius(clusters, sampler.indices_), rel=1e-4)
 
 
 def test_projects_to_projection_dim_only_below_n_features(gaussian):
-    projected = GreedyCoresetSampler(coreset_ratio=0.01, projection_dim=32, random_state=0).fit(gaussian)
-    assert projected.projection_.components_.shape == (32, 160)
-    kept = GreedyCoresetSampler(coreset_ratio=0.01, projection_dim=160, random_state=0).fit(gaussian)
-    assert kept.projection_ is None
+    projected = GreedyCoresetSampler(coreset_ratio=0.01, projection_dim=32, random_state=0)
+    assert projected.fit(gaussian).projection_.components_.shape == (32, 160)
+    kept = GreedyCoresetSampler(coreset_ratio=0.01, projection_dim=160, random_state=0)
+    assert kept.fit(gaussian).projection_ is None
 
 
 def test_transform_returns_the_selected_rows_in_order(clusters):
@@ -174,7 +178,8 @@ def test_invalid_parameters_are_rejected_at_fit(gaussian, param, value):
 
 def test_torch_input_selects_the_same_rows_as_numpy(clusters):
     from_numpy = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
-    from_torch = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(torch.from_numpy(clusters))
+    from_torch = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0)
+    from_torch.fit(torch.from_numpy(clusters))
     np.testing.assert_array_equal(from_torch.indices_, from_numpy.indices_)
     coreset = from_torch.transform(torch.from_numpy(clusters))
     assert isinstance(coreset, np.ndarray) and coreset.dtype == np.float32
@@ -183,7 +188,8 @@ def test_torch_input_selects_the_same_rows_as_numpy(clusters):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_projection_keeps_the_coverage(clusters, dtype):
     full = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
-    half = GreedyCoresetSampler(coreset_ratio=0.05, projection_dtype=dtype, random_state=0).fit(clusters)
+    half = GreedyCoresetSampler(coreset_ratio=0.05, projection_dtype=dtype, random_state=0)
+    half.fit(clusters)
     assert len(np.unique(half.indices_)) == len(full.indices_)
     radii = [coverage_radius(clusters, s.indices_) for s in (full, half)]
     assert radii[1] <= 1.05 * radii[0]

@@ -8,6 +8,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from sklearn.utils._param_validation import InvalidParameterError
 
+from skpatchcore import neighbors
 from skpatchcore.neighbors import NearestNeighborIndex, exact_kneighbors
 
 
@@ -161,6 +162,13 @@ def test_pynndescent_rows_it_leaves_short_are_searched_exactly(approximate_index
     np.testing.assert_array_equal(idx[0], want_idx[0])
     np.testing.assert_array_equal(dist[0], want_dist[0])
     assert np.all(np.isfinite(dist))
+
+
+def test_pynndescent_auto_picks_the_graph_for_a_large_bank(clusters, monkeypatch):
+    bank, _ = clusters
+    monkeypatch.setattr(neighbors, "AUTO_PYNNDESCENT_MIN_SAMPLES", len(bank))
+    index = NearestNeighborIndex(random_state=0).fit(bank)
+    assert index.algorithm_ == "pynndescent" and index.index_ is not None
 
 
 def test_pynndescent_pickle_round_trip_reuses_the_index(approximate_index, clusters, monkeypatch):
