@@ -12,6 +12,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from ._device import check_device
 from .coreset import GreedyCoresetSampler
 from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
 from .images import check_images, crop_box, resized_shape
@@ -253,7 +254,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                     f"{name} must be a positive int, a (height, width) pair of positive "
                     f"ints or None; got {value!r}."
                 )
-        device = self._check_device()
+        device = check_device(self.device)
         images = check_images(X, image_shape=self.image_shape)
         if y is not None:
             images = images[self._normal_rows(y, len(images))]
@@ -321,12 +322,6 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.n_features_in_ = int(np.prod(self.image_shape_))
         self.feature_shape_ = (h, w, dim)
         return self
-
-    def _check_device(self) -> torch.device:
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} was asked for but CUDA is not available.")
-        return device
 
     @staticmethod
     def _normal_rows(y, n_samples: int) -> np.ndarray:
@@ -419,7 +414,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 f"Images have {images.shape[-1]} channel(s) but the detector was fitted on "
                 f"{self.image_shape_[-1]}-channel images."
             )
-        device = self._check_device()
+        device = check_device(self.device)
         net = self.feature_extractor_.to(device)
         size = resized_shape(images.shape[1:3], self.image_size)
         box = crop_box(size, self.crop_size)

@@ -13,6 +13,8 @@ from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._device import check_device
+
 __all__ = ["NearestNeighborIndex", "exact_kneighbors"]
 
 # Bank size from which ``algorithm="auto"`` builds a pynndescent index.
@@ -30,16 +32,6 @@ __all__ = ["NearestNeighborIndex", "exact_kneighbors"]
 # per image does not pay for what it costs: recall below 1, and about a minute of
 # numba compilation in every process that fits one (see NearestNeighborIndex Notes).
 AUTO_PYNNDESCENT_MIN_SAMPLES = 5_000
-
-
-def _check_device(device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={str(device)!r} was asked for but CUDA is not available to this torch "
-            f"({torch.__version__}); use device='cpu'."
-        )
-    return device
 
 
 def _as_tensor(A, name: str, device: torch.device) -> torch.Tensor:
@@ -161,7 +153,7 @@ def exact_kneighbors(
     >>> exact_kneighbors(np.array([[3.0, 3.0]]), bank, query_groups=[0], bank_groups=[1, 0])
     (array([[4.2426405]], dtype=float32), array([[0]]))
     """
-    device = _check_device(device)
+    device = check_device(device)
     X = _as_tensor(X, "X", device)
     bank = _as_tensor(bank, "bank", device)
     n_queries, n_bank = X.shape[0], bank.shape[0]
@@ -399,7 +391,7 @@ class NearestNeighborIndex(BaseEstimator):
         self : NearestNeighborIndex
             Fitted index.
         """
-        _check_device(self.device)
+        check_device(self.device)
         if isinstance(bank, torch.Tensor):
             bank = bank.detach().cpu().numpy()
         # A copy, so that later edits of the caller's array cannot desynchronise
@@ -483,7 +475,7 @@ class NearestNeighborIndex(BaseEstimator):
     def _exact(self, X, n_neighbors):
         # Straight to the search: re-validating the bank on every call would
         # cost as much as searching it for a few queries.
-        device = _check_device(self.device)
+        device = check_device(self.device)
         return _search(
             torch.from_numpy(X).to(device),
             torch.from_numpy(self.bank_).to(device),
