@@ -15,6 +15,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._device import check_device
+
 __all__ = ["GreedyCoresetSampler", "k_center_greedy"]
 
 # Minimum squared distance of the points already chosen: below every real squared
@@ -171,11 +173,6 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
                 S, R = coarse.index_select(0, idx), rhs.index_select(0, idx)
             G = torch.addmm(C_coarse_sq[:, None], C_coarse, S.float().T, alpha=-2)
             hit = (G.amin(0) < R).nonzero().squeeze(1)
-            if dense and i == 0 and 2 * len(hit) > b.stop:
-                # The bounds keep most points (early on, or data without low-dimensional
-                # structure): plain passes over Z cost less than screening and gathering.
-                _full_passes(Z, min_sq, nearest, C, t, dist, scratch)
-                break
             if not len(hit):
                 continue
             points = hit + b.start if dense else idx.index_select(0, hit)
@@ -183,6 +180,11 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
             G = torch.addmm(C_fine_sq[:, None], C_fine, S.T, alpha=-2)
             R = min_sq.index_select(0, points).sub_(fine_sq.index_select(0, points)).add_(tol)
             owner, which = (G < R).nonzero().unbind(1)
+            if dense and i == 0 and 4 * len(owner) > size * b.stop:
+                # The bounds keep most pairs (early on, or data without low-dimensional
+                # structure): plain passes over Z cost less than gathering them.
+                _full_passes(Z, min_sq, nearest, C, t, dist, scratch)
+                break
             points = points.index_select(0, which)
             _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch)
 
@@ -266,6 +268,15 @@ class _Progress:
             f"[GreedyCoresetSampler] {done}/{self.total} centres, "
             f"radius {radius:.4g}, {time.perf_counter() - self.start:.2f} s"
         )
+
+
+def coreset_size(coreset_ratio: float, n_samples: int) -> int:
+    """Rows kept: ``max(1, ceil(coreset_ratio * n_samples))``.
+
+    The product is rounded to 6 decimals first, so that ``0.7 * 10`` keeps 7
+    rows and not 8 through floating-point noise.
+    """
+    return max(1, math.ceil(round(coreset_ratio * n_samples, 6)))
 
 
 def k_center_greedy(
@@ -401,7 +412,7 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
     are broken the same way too). Memory stays within the projected copy plus a few vectors
     of length n_samples. Where the bounds keep most rows (the first centres,
     or data without low-dimensional structure such as i.i.d. noise) it makes
-    plain passes instead, and runs about as fast as ``"greedy"``.
+    plain passes instead, and runs close to ``"greedy"``'s speed.
 
     ``fit`` runs torch on one CPU thread (the caller's setting is restored
     afterwards): the selection is a chain of small dependent operations, and
@@ -476,7 +487,7 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
         rng = check_random_state(self.random_state)
         projection_seed = rng.randint(np.iinfo(np.int32).max)
         start = int(rng.randint(n_samples))
-        n_selected = max(1, math.ceil(round(self.coreset_ratio * n_samples, 6)))
+        n_selected = coreset_size(self.coreset_ratio, n_samples)
 
         self.projection_ = None
         if n_selected == n_samples:
@@ -488,7 +499,7 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
             self.projection_ = GaussianRandomProjection(
                 self.projection_dim, random_state=projection_seed
             ).fit(X[:1])
-        device = torch.device(self.device)
+        device = check_device(self.device)
         with _one_cpu_thread(device):
             Z = _project(X, self.projection_, _DTYPES[self.projection_dtype], device)
             indices, self.radius_ = k_center_greedy(

@@ -13,7 +13,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import check_device
-from .coreset import GreedyCoresetSampler
+from .coreset import GreedyCoresetSampler, coreset_size
 from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
 from .images import check_images, crop_box, resized_shape
 from .maps import anomaly_maps
@@ -278,7 +278,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self._log(f"extracted {n_images * h * w} patch features of {n_images} images "
                   f"({h}x{w} grid, {dim} dims)", start)
 
-        n_bank = max(1, int(np.ceil(self.coreset_ratio * n_images * h * w)))
+        n_bank = coreset_size(self.coreset_ratio, n_images * h * w)
         if n_bank < self.n_neighbors:
             raise ValueError(
                 f"The coreset would keep {n_bank} of {n_images * h * w} patches, fewer than "

@@ -176,6 +176,12 @@ def test_invalid_parameters_are_rejected_at_fit(gaussian, param, value):
         GreedyCoresetSampler(**{param: value}).fit(gaussian)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error(clusters):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        GreedyCoresetSampler(coreset_ratio=0.05, device="cuda").fit(clusters)
+
+
 def test_torch_input_selects_the_same_rows_as_numpy(clusters):
     from_numpy = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0).fit(clusters)
     from_torch = GreedyCoresetSampler(coreset_ratio=0.05, random_state=0)
