@@ -51,7 +51,7 @@ def test_maps_have_the_input_resolution_and_peak_on_the_defect(fitted, textures)
     maps = fitted.anomaly_maps(defective)
     assert maps.shape == (6, 32, 32) and maps.dtype == np.float32
     for single, mask in zip(maps, masks):
-        assert mask.flat[single.argmax()] or mask[np.unravel_index(single.argmax(), mask.shape)]
+        assert mask.flat[single.argmax()]  # the hottest pixel lies inside the defect
 
 
 def test_maps_align_on_non_square_larger_inputs(fitted, textures):
