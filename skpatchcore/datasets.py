@@ -113,6 +113,18 @@ def _find_mask(mask_dir: Path, stem: str) -> Path | None:
     return None
 
 
+def _require_mask(mask_dir: Path, image_path: Path) -> Path:
+    """:func:`_find_mask` for a defective image, which must have one."""
+    mask = _find_mask(mask_dir, image_path.stem)
+    if mask is None:
+        raise FileNotFoundError(
+            f"No mask found for defective image {image_path}: expected "
+            f"{mask_dir / (image_path.stem + '_mask.png')} or "
+            f"{mask_dir / (image_path.stem + '.png')} (any image extension)."
+        )
+    return mask
+
+
 def _read_mask(mask_path: Path, image_path: Path, size: tuple[int, int] | None) -> np.ndarray:
     """Read a mask (nonzero = defect) as bool (H, W), checked against its image."""
     mask = _open(mask_path, "L")
@@ -275,14 +287,7 @@ def load_mvtec(root, category: str, *, split=None, image_size=None) -> Bunch:
                 mask_files += [None] * len(defect_files)
                 continue
             mask_dir = _check_dir(base / "ground_truth" / defect, "Ground-truth mask")
-            for path in defect_files:
-                mask = _find_mask(mask_dir, path.stem)
-                if mask is None:
-                    raise FileNotFoundError(
-                        f"No mask found for defective image {path}: expected "
-                        f"{mask_dir / (path.stem + '_mask.png')}."
-                    )
-                mask_files.append(mask)
+            mask_files += [_require_mask(mask_dir, path) for path in defect_files]
         images = _read_images(files, size)
         data.test_images = images
         data.test_labels = np.array([t != "good" for t in types], dtype=np.int64)
@@ -389,16 +394,7 @@ def load_folder(good_dir, defect_dir=None, mask_dir=None, *, image_size=None) ->
     masks = None
     if mask_dir is not None:
         mask_root = _check_dir(mask_dir, "Mask")
-        mask_files = [None] * len(good_files)
-        for path in defect_files:
-            mask = _find_mask(mask_root, path.stem)
-            if mask is None:
-                raise FileNotFoundError(
-                    f"No mask found for defective image {path}: expected "
-                    f"{mask_root / (path.stem + '_mask.png')} or "
-                    f"{mask_root / (path.stem + '.png')} (any image extension)."
-                )
-            mask_files.append(mask)
+        mask_files = [None] * len(good_files) + [_require_mask(mask_root, p) for p in defect_files]
         masks = _read_masks(files, mask_files, images.shape[1:3], size)
     return Bunch(
         images=images,

@@ -309,7 +309,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self._log("leave-one-image-out thresholds", start)
 
         self.feature_extractor_ = net
-        self.memory_bank_ = bank
+        self.memory_bank_ = index.bank_  # the index's array: one copy of the bank, not two
         self.coreset_indices_ = coreset
         self.nn_index_ = index
         self.train_score_samples_ = -loo_scores

@@ -104,6 +104,7 @@ def test_random_state_makes_fit_and_scores_bit_reproducible(tiny_params, texture
 def test_coreset_ratio_sets_the_bank_size(tiny_params, textures):
     det = PatchCoreDetector(**{**tiny_params, "coreset_ratio": 0.25}).fit(textures[0][6:])
     assert det.memory_bank_.shape == (int(np.ceil(0.25 * 10 * 64)), 48)
+    assert det.memory_bank_ is det.nn_index_.bank_  # one copy of the bank
     assert det.feature_shape_ == (8, 8, 48)
     assert det.image_shape_ == (32, 32, 3) and det.n_features_in_ == 32 * 32 * 3
 
