@@ -10,6 +10,7 @@ batch of RGB images in ``[0, 1]`` to the feature maps of the requested layers.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import urllib.error
 from collections.abc import Sequence
@@ -65,18 +66,19 @@ class _HookedBody(nn.Module):
         self._out: dict[str, torch.Tensor] = {}
         submodules = dict(module.named_modules())
         for name in self.layers:
-            submodules[name].register_forward_hook(self._store(name))
+            # A partial of a method, not a closure: it pickles, and the hooks of a
+            # copy (deepcopy) store into the copy.
+            submodules[name].register_forward_hook(functools.partial(self._store, name))
 
-    def _store(self, name):
-        def hook(_module, _inputs, output):
-            self._out[name] = output
-
-        return hook
+    def _store(self, name, _module, _inputs, output) -> None:
+        self._out[name] = output
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._out = {}
         self.module(x)
-        return self._out
+        # Keep no activations between calls: they would hold (GPU) memory and be pickled.
+        out, self._out = self._out, {}
+        return out
 
 
 def _check_layers(module: nn.Module, layers) -> list[str]:
@@ -105,9 +107,13 @@ def _feature_body(module: nn.Module, layers: list[str]) -> nn.Module:
         from torchvision.models.feature_extraction import create_feature_extractor
 
     try:
-        return create_feature_extractor(module, return_nodes=layers)
+        body = create_feature_extractor(module, return_nodes=layers)
     except Exception:  # torch.fx raises many types for untraceable code
         return _HookedBody(module, layers)
+    # The eval graph alone, as a plain GraphModule: the network stays in eval
+    # mode, and torchvision's two-graph module comes back from copy.deepcopy
+    # running its training graph (BatchNorm on batch statistics) in eval mode.
+    return torch.fx.GraphModule(body, body.eval_graph)
 
 
 class FeatureExtractor(BaseEstimator):

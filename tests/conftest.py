@@ -14,11 +14,16 @@ MVTEC_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec"
 
 
 def tiny_cnn() -> nn.Module:
-    """Three strided convolutions (strides 2, 4, 8) with seeded random weights."""
+    """Three strided convolutions (strides 2, 4, 8) with seeded random weights.
+
+    The BatchNorm (eval mode: running statistics) makes any copy or move of the
+    network that ends up on batch statistics give visibly different features.
+    """
     torch.manual_seed(0)
     return nn.Sequential(
         OrderedDict(
             stem=nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            norm0=nn.BatchNorm2d(8),
             act0=nn.ReLU(),
             layer1=nn.Conv2d(8, 16, 3, stride=2, padding=1),
             act1=nn.ReLU(),

@@ -1,3 +1,5 @@
+import copy
+import pickle
 import urllib.error
 
 import numpy as np
@@ -62,6 +64,33 @@ def test_untraceable_module_falls_back_to_hooks():
     module = _Untraceable()
     maps = ModuleExtractor(module, ["conv"], mean=(0, 0, 0), std=(1, 1, 1)).load()(torch.ones(1, 3, 4, 4))
     assert torch.allclose(maps[0], module.conv(torch.ones(1, 3, 4, 4) * 2))
+
+
+def test_hooked_extractor_keeps_no_activations_between_calls():
+    net = ModuleExtractor(_Untraceable(), ["conv"]).load()
+    net(torch.rand(1, 3, 4, 4))
+    assert net.body._out == {}  # they would hold (GPU) memory and be pickled
+
+
+def test_hooked_extractor_survives_pickle_and_deepcopy():
+    net = ModuleExtractor(_Untraceable(), ["conv"]).load()
+    x = torch.rand(1, 3, 4, 4)
+    maps = net(x)
+    # The copies' hooks must fill the copies' outputs, not the original's.
+    for copied in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        assert torch.equal(copied(x)[0], maps[0])
+
+
+def test_traced_extractor_survives_pickle_and_deepcopy():
+    # torchvision's two-graph feature extractor came back from deepcopy running
+    # its training graph: BatchNorm on batch statistics, features off by ~9.
+    net = TorchvisionExtractor("resnet18", weights=None).load()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = net(x)
+        for copied in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+            for got, want in zip(copied(x), maps):
+                assert torch.equal(got, want)
 
 
 def test_unknown_layer_names_are_reported():
