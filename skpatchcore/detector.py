@@ -12,13 +12,13 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._device import check_device
+from ._device import check_device, module_on
 from .coreset import GreedyCoresetSampler, coreset_size
 from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
 from .images import check_images, crop_box, resized_shape
 from .maps import anomaly_maps
 from .neighbors import NearestNeighborIndex, exact_kneighbors
-from .scoring import max_patches, reweighted_scores, rerank_max_patches
+from .scoring import image_scores, max_patches, reweighted_scores
 
 __all__ = ["PatchCoreDetector"]
 
@@ -104,7 +104,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Images per forward pass; bounds the memory of activations.
     device : str or torch.device, default="cpu"
         Where the network and the exact neighbour search run ("cuda" when
-        available).
+        available). Read by each call, so a fitted detector scores wherever
+        ``device`` points at scoring time: ``set_params(device="cpu")`` moves
+        a GPU-fitted one to the CPU (see Notes on saving).
+    n_jobs : int, default=None
+        Threads building and querying the pynndescent index (see
+        :class:`~skpatchcore.NearestNeighborIndex`). None means 1 unless in a
+        ``joblib.parallel_config`` context, -1 means all processors; torch's
+        own thread setting governs the network and the exact search.
     random_state : int, RandomState instance or None, default=None
         Seeds the coreset's projection and start and the approximate index;
         an int makes fits and scores bit-reproducible on CPU.
@@ -121,6 +128,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Their positions among all ``n_train * h * w`` training patches.
     nn_index_ : NearestNeighborIndex
         Index over ``memory_bank_``, built once here.
+    bank_neighbors_ : ndarray of shape (n_bank, b)
+        Each bank entry's ``b = min(n_neighbors, n_bank)`` nearest bank
+        entries, itself (or a duplicate) first: the support of Eq. 7.
     offset_ : float
         Threshold on :meth:`score_samples`; ``decision_function = score_samples - offset_``.
     pixel_threshold_ : float
@@ -149,6 +159,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     to the nearest bank entry and image score = largest patch score
     reweighted by Eq. 7 (Sec. 3.3), maps bilinearly upsampled and smoothed
     with a Gaussian of sigma 4.
+
+    **Saving.** A fitted detector pickles (``pickle``, ``joblib.dump``)
+    independently of its device: the state saved holds ``feature_extractor_``
+    on the CPU, so a detector fitted with ``device="cuda"`` loads on a machine
+    without a GPU. The live detector is left as it is (the network is copied
+    to the CPU for the pickle through torch's own serialisation; a network
+    already on the CPU is saved without a copy). The loaded detector keeps its ``device``
+    parameter: on a machine without CUDA, ``set_params(device="cpu")`` before
+    scoring. The ``feature_extractor`` parameter is saved as given, so a
+    :class:`ModuleExtractor` should hold its module on the CPU.
 
     References
     ----------
@@ -185,6 +205,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         "image_shape": [None, tuple, list],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
+        "n_jobs": [Integral, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
@@ -206,6 +227,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         image_shape=None,
         batch_size=16,
         device="cpu",
+        n_jobs=None,
         random_state=None,
         verbose=0,
     ):
@@ -223,6 +245,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.image_shape = image_shape
         self.batch_size = batch_size
         self.device = device
+        self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
 
@@ -300,8 +323,12 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
         start = time.perf_counter()
         index = NearestNeighborIndex(
-            algorithm=self.algorithm, random_state=int(index_seed), device=device
+            algorithm=self.algorithm, random_state=int(index_seed), n_jobs=self.n_jobs,
+            device=device,
         ).fit(bank)
+        # Eq. 7 weighs s* against the b bank neighbours of m*: looked up here
+        # once per bank entry rather than searched again for every test image.
+        bank_neighbors = index.kneighbors(bank, min(self.n_neighbors, len(bank)), exact=True)[1]
         self._log(f"{index.algorithm_} nearest-neighbour index", start)
 
         start = time.perf_counter()
@@ -312,6 +339,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.memory_bank_ = index.bank_  # the index's array: one copy of the bank, not two
         self.coreset_indices_ = coreset
         self.nn_index_ = index
+        self.bank_neighbors_ = bank_neighbors
         self.train_score_samples_ = -loo_scores
         if self.contamination == "auto":
             self.offset_ = float(self.train_score_samples_.min())
@@ -394,11 +422,6 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         )
         return scores, maps.amax(dim=(1, 2)).numpy()
 
-    def _support(self, nearest) -> np.ndarray:
-        """Bank neighbours of each ``m*`` (itself first), for Eq. 7."""
-        k = min(self.n_neighbors, len(self.memory_bank_))
-        return self.nn_index_.kneighbors(self.memory_bank_[nearest], k, exact=True)[1]
-
     # -------------------------------------------------------------- scoring
     def _score(self, X, *, with_maps: bool):
         """Image anomaly scores ``(n,)`` and, if asked, maps ``(n, H, W)``."""
@@ -415,28 +438,21 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 f"{self.image_shape_[-1]}-channel images."
             )
         device = check_device(self.device)
+        # Network and exact search both follow the device set now, not the one of fit: a
+        # detector fitted on a GPU scores on the CPU after set_params(device="cpu").
         net = self.feature_extractor_.to(device)
+        self.nn_index_.set_params(device=device)
         size = resized_shape(images.shape[1:3], self.image_size)
         box = crop_box(size, self.crop_size)
         scores = np.empty(len(images), dtype=np.float32)
         maps = np.empty((len(images), *images.shape[1:3]), dtype=np.float32) if with_maps else None
-        exact = self.nn_index_.algorithm_ == "exact"
         for batch, patches in iter_patch_embeddings(
             net, images, size=size, box=box, embedding_dim=self.embedding_dim,
             batch_size=self.batch_size, device=device,
         ):
             n, h, w, dim = patches.shape
             flat = patches.reshape(n, h * w, dim).cpu().numpy()
-            dist, idx = self.nn_index_.kneighbors(flat.reshape(-1, dim), 1)
-            dist, idx = dist[:, 0].reshape(n, -1), idx[:, 0].reshape(n, -1)
-            if exact:
-                _, patch, nearest = max_patches(dist, idx)
-            else:
-                _, patch, nearest = rerank_max_patches(
-                    flat, dist, lambda q: self.nn_index_.kneighbors(q, 1, exact=True)
-                )
-            support = self._support(nearest)
-            scores[batch] = reweighted_scores(flat[np.arange(n), patch], self.memory_bank_, support)
+            scores[batch], dist = image_scores(self.nn_index_, flat, self.bank_neighbors_)
             if with_maps:
                 maps[batch] = anomaly_maps(
                     torch.from_numpy(dist.reshape(n, h, w)), model_size=size, box=box,
@@ -529,6 +545,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         check_is_fitted(self)
         threshold = self.pixel_threshold_ if threshold is None else threshold
         return self.anomaly_maps(X) > threshold
+
+    def __getstate__(self):
+        # A copy of the attribute dict: since Python 3.11 the inherited state is
+        # self.__dict__ itself, which must keep the network where it runs.
+        state = dict(super().__getstate__())
+        if "feature_extractor_" in state:
+            state["feature_extractor_"] = module_on(state["feature_extractor_"], "cpu")
+        return state
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

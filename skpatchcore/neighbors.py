@@ -21,7 +21,9 @@ __all__ = ["NearestNeighborIndex", "exact_kneighbors"]
 # Measured on a 2-core AMD EPYC (AVX2, MKL torch, machine shared with other jobs;
 # best of 27 runs, exact at torch's better of 1 or 2 threads), one image's 1024
 # query patches, k=1, banks drawn from real EfficientNet-Lite0 features of MVTec
-# "bottle", default pynndescent parameters below (recall@1 0.97-0.99 there):
+# "bottle", pynndescent with search_tree_leaf_size=30 and epsilon=0.1 (recall@1
+# 0.97-0.99 there; the defaults below search as accurately about 25 % faster,
+# which can only move the break-even lower):
 #   bank rows          250    500   1000   2000   5000  10000
 #   d=152 exact ms     2.7    4.8    7.1   12.7   29.8   80.4
 #   d=152 pynnd. ms    7.5    7.0    6.7    7.2    7.5    9.6
@@ -32,6 +34,19 @@ __all__ = ["NearestNeighborIndex", "exact_kneighbors"]
 # per image does not pay for what it costs: recall below 1, and about a minute of
 # numba compilation in every process that fits one (see NearestNeighborIndex Notes).
 AUTO_PYNNDESCENT_MIN_SAMPLES = 5_000
+
+
+# Below this many queries a chunk's product is computed as bank @ X.T: CPU GEMM
+# kernels handle a tall, narrow output far better than a short, wide one
+# (4 queries against a 21402 x 384 bank: 3.1 ms instead of 7.3 ms, one thread).
+_FEW_QUERIES = 32
+
+# Principal axes of the bank kept for the lower bounds of nearest_within. On the
+# top-4 patches of each MVTec bottle test image against 21402-row coreset banks,
+# with bounds 1 % above the true distance, 64 axes left a median of 0.7 % of the
+# bank to check exactly (p90 2.4 %) for 152-dim Lite0 features, ~0 % (p90 0.2 %)
+# for 384-dim ResNet-18 ones; 32 axes left 3.1 % (p90 11.7 %) of the Lite0 bank.
+_BOUND_AXES = 64
 
 
 def _as_tensor(A, name: str, device: torch.device) -> torch.Tensor:
@@ -197,7 +212,10 @@ def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, work
         for rows in gen_batches(n_queries, chunk_n_rows):
             # ||b||² - 2 x·b ranks the bank like the full distance: ||x||² is
             # constant along the row, so it is added to the k winners only.
-            block = torch.addmm(bank_sq_norms, X[rows], bank.T, alpha=-2.0)
+            if rows.stop - rows.start < _FEW_QUERIES:
+                block = torch.addmm(bank_sq_norms[:, None], bank, X[rows].T, alpha=-2.0).T
+            else:
+                block = torch.addmm(bank_sq_norms, X[rows], bank.T, alpha=-2.0)
             if query_groups is not None:
                 same = query_groups[rows, None] == bank_groups[None, :]
                 block.masked_fill_(same, torch.inf)
@@ -205,6 +223,16 @@ def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, work
             distances[rows] = values + _squared_norms(X[rows])[:, None]
         distances = distances.clamp_(min=0.0).sqrt_()
     return distances.cpu().numpy(), indices.cpu().numpy()
+
+
+def _principal_projection(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Leading principal axes of ``bank`` ``(n_features, r)`` and the bank on them."""
+    mean = bank.mean(axis=0, dtype=np.float64).astype(np.float32)
+    centred = torch.from_numpy(bank - mean)
+    # eigh of the Gram matrix: the axes of the largest variance come last.
+    _, vectors = torch.linalg.eigh(centred.T @ centred)
+    axes = vectors[:, -_BOUND_AXES:].flip(1).contiguous()
+    return axes.numpy(), (torch.from_numpy(bank) @ axes).numpy()
 
 
 def _check_groups(query_groups, bank_groups, n_queries, n_bank, n_neighbors):
@@ -251,13 +279,17 @@ class NearestNeighborIndex(BaseEstimator):
     n_graph_neighbors : int, default=30
         Degree of pynndescent's k-NN graph. Larger builds slower and searches
         more accurately.
+    search_tree_leaf_size : int, default=10
+        Most bank rows in a leaf of pynndescent's search tree (pynndescent's
+        default: 30). Each query first measures its distance to every row of
+        ``search_tree_leaf_budget`` leaves: small leaves make that start cheap.
     search_tree_leaf_budget : int, default=4
-        Leaves of pynndescent's search tree from which each query starts its
-        graph search. More leaves avoid queries that start in the wrong part
-        of the graph and never leave it (pynndescent's default, 1, leaves
-        1-2 % of patch queries at twice their true distance); each extra leaf
-        adds a little time per query.
-    epsilon : float, default=0.1
+        Leaves of the search tree from which each query starts its graph
+        search. More leaves avoid queries that start in the wrong part of the
+        graph and never leave it (with pynndescent's default, 1, 1-2 % of patch
+        queries end at twice their true distance); each extra leaf adds a
+        little time per query.
+    epsilon : float, default=0.2
         pynndescent search slack: larger searches more of the graph, more
         accurately and more slowly.
     working_memory : float, default=None
@@ -266,9 +298,11 @@ class NearestNeighborIndex(BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds the pynndescent index construction.
     n_jobs : int, default=None
-        Threads building the pynndescent index. None means 1 unless in a
-        ``joblib.parallel_config`` context, -1 means all processors. The exact
-        search uses torch's threads.
+        Threads building and querying the pynndescent index. None means 1
+        unless in a ``joblib.parallel_config`` context, -1 means all
+        processors. Whether queries run in parallel is fixed when the index is
+        built; their thread count is read at each query. The exact search uses
+        torch's threads.
     device : str or torch.device, default="cpu"
         Torch device of the exact search.
 
@@ -282,6 +316,11 @@ class NearestNeighborIndex(BaseEstimator):
         Backend in use.
     index_ : pynndescent.NNDescent or None
         The prepared graph index; None for the exact backend.
+    principal_axes_ : ndarray of shape (n_features_in_, n_axes) or None
+        Leading principal axes of the bank (at most 64), for the lower bounds
+        of :meth:`nearest_within`; None for the exact backend.
+    bank_projected_ : ndarray of shape (n_samples_fit_, n_axes) or None
+        The bank on those axes.
     n_features_in_ : int
         Number of features of the bank.
     n_samples_fit_ : int
@@ -301,15 +340,19 @@ class NearestNeighborIndex(BaseEstimator):
     **Choosing a backend.** Exact search costs ``O(n_samples_fit_ *
     n_features_in_)`` per query in matrix products; pynndescent walks a
     k-NN graph and visits a few thousand bank rows per query whatever the
-    bank size. On real EfficientNet-Lite0 patch features of MVTec "bottle"
-    (2-core CPU, 1024 queries, the defaults above) pynndescent reaches
-    recall@1 0.96-0.98 with a 0.2-0.5 % mean over-estimate of the distance
-    for banks of 5000-21000 rows, answering 6-20x faster than exact search;
-    at 100000 rows 0.93 and 60x. It does not pay for small banks (see
-    ``AUTO_PYNNDESCENT_MIN_SAMPLES``), nor where anomaly maps must be exact:
-    a missed neighbour over-estimates the patch score, 0.2-0.7 % of patches
-    by more than 20 %. Raise ``epsilon`` (0.2: recall 0.97-0.99) or
-    ``search_tree_leaf_budget`` for more accuracy.
+    bank size. On a 21402-row bank of real EfficientNet-Lite0 patch features
+    of MVTec "bottle" (152 dims, 2-core CPU, 1024 queries per call), the
+    defaults above reach recall@1 0.95 with a 0.5 % mean over-estimate of the
+    distance, 0.6 % of patches over by more than 20 %, answering 12-20x
+    faster than exact search (``benchmarks/neighbors.py``). pynndescent's own
+    defaults (leaf size 30, one leaf, epsilon 0.1) were 20 % faster but at
+    recall 0.86 (3.8 % mean over-estimate, 2.6 % of patches over 20 %); leaf
+    size 30 with four leaves was as accurate as the defaults above and 30 %
+    slower. It does not pay for small banks (see
+    ``AUTO_PYNNDESCENT_MIN_SAMPLES``), nor where anomaly maps must be exact.
+    Raise ``epsilon`` or ``search_tree_leaf_budget`` for more accuracy;
+    image scores need none (:func:`skpatchcore.scoring.image_scores`
+    re-ranks the maximum exactly).
 
     **Costs of the pynndescent backend.** :meth:`fit` spends about a minute
     (50-75 s here) compiling pynndescent's graph construction with numba:
@@ -323,9 +366,12 @@ class NearestNeighborIndex(BaseEstimator):
     afterwards) for a 21400 x 152 bank. Only the first use of pynndescent on
     a machine, with an empty numba cache, compiles the search kernels: 40 s
     on import and 19 s in ``joblib.load`` here. The saved index holds a
-    second, reordered copy of the bank. Querying mutates per-index search
-    buffers: do not call :meth:`kneighbors` of one pynndescent index from
-    several threads at once.
+    second, reordered copy of the bank, and the bank on its leading principal
+    axes (``bank_projected_``). With ``n_jobs`` above 1, queries run on numba
+    threads (parallel search kernels, also cached on disk); on 2 cores that
+    scored a batch of 16 bottle images 1.7-2x faster. Querying mutates
+    per-index search buffers: do not call :meth:`kneighbors` of one
+    pynndescent index from several threads at once.
 
     Examples
     --------
@@ -344,6 +390,7 @@ class NearestNeighborIndex(BaseEstimator):
         "algorithm": [StrOptions({"auto", "exact", "pynndescent"})],
         "n_trees": [Interval(Integral, 1, None, closed="left"), None],
         "n_graph_neighbors": [Interval(Integral, 2, None, closed="left")],
+        "search_tree_leaf_size": [Interval(Integral, 1, None, closed="left")],
         "search_tree_leaf_budget": [Interval(Integral, 1, None, closed="left")],
         "epsilon": [Interval(Real, 0, None, closed="left")],
         "working_memory": [Interval(Real, 0, None, closed="neither"), None],
@@ -358,8 +405,9 @@ class NearestNeighborIndex(BaseEstimator):
         *,
         n_trees=None,
         n_graph_neighbors=30,
+        search_tree_leaf_size=10,
         search_tree_leaf_budget=4,
-        epsilon=0.1,
+        epsilon=0.2,
         working_memory=None,
         random_state=None,
         n_jobs=None,
@@ -368,6 +416,7 @@ class NearestNeighborIndex(BaseEstimator):
         self.algorithm = algorithm
         self.n_trees = n_trees
         self.n_graph_neighbors = n_graph_neighbors
+        self.search_tree_leaf_size = search_tree_leaf_size
         self.search_tree_leaf_budget = search_tree_leaf_budget
         self.epsilon = epsilon
         self.working_memory = working_memory
@@ -405,6 +454,10 @@ class NearestNeighborIndex(BaseEstimator):
         else:
             self.algorithm_ = self.algorithm
         self.index_ = self._build_pynndescent() if self.algorithm_ == "pynndescent" else None
+        self.principal_axes_ = self.bank_projected_ = None
+        if self.index_ is not None:
+            self.principal_axes_, self.bank_projected_ = _principal_projection(self.bank_)
+            self._bank_projected_sq_norms = _squared_norms(torch.from_numpy(self.bank_projected_))
         return self
 
     def _build_pynndescent(self):
@@ -418,14 +471,18 @@ class NearestNeighborIndex(BaseEstimator):
         # that the exact backend should not pay.
         from pynndescent import NNDescent
 
+        n_jobs = effective_n_jobs(self.n_jobs)
         index = NNDescent(
             self.bank_,
             metric="euclidean",
             n_neighbors=self.n_graph_neighbors,
             n_trees=self.n_trees,
+            search_tree_leaf_size=self.search_tree_leaf_size,
             search_tree_leaf_budget=self.search_tree_leaf_budget,
             random_state=check_random_state(self.random_state),
-            n_jobs=effective_n_jobs(self.n_jobs),
+            n_jobs=n_jobs,
+            # Spreads the queries of one call over numba threads.
+            parallel_batch_queries=n_jobs > 1,
             # Drops the construction-only k-NN graph: a smaller pickle.
             compressed=True,
         )
@@ -462,7 +519,7 @@ class NearestNeighborIndex(BaseEstimator):
         _check_n_neighbors(n_neighbors, self.n_samples_fit_)
         if exact or self.algorithm_ == "exact":
             return self._exact(X, n_neighbors)
-        indices, distances = self.index_.query(X, k=n_neighbors, epsilon=self.epsilon)
+        indices, distances = self._query(X, n_neighbors)
         indices = indices.astype(np.int64)
         distances = distances.astype(np.float32, copy=False)
         # Where the graph search found fewer than k neighbours, the missing ones
@@ -470,6 +527,74 @@ class NearestNeighborIndex(BaseEstimator):
         missed = ~np.isfinite(distances).all(axis=1) | (indices < 0).any(axis=1)
         if missed.any():
             distances[missed], indices[missed] = self._exact(X[missed], n_neighbors)
+        return distances, indices
+
+    def _query(self, X, n_neighbors):
+        """pynndescent's search, on ``n_jobs`` numba threads if built for parallel queries."""
+        if not self.index_.parallel_batch_queries:
+            return self.index_.query(X, k=n_neighbors, epsilon=self.epsilon)
+        import numba
+
+        previous = numba.get_num_threads()
+        numba.set_num_threads(min(effective_n_jobs(self.n_jobs), numba.config.NUMBA_NUM_THREADS))
+        try:
+            return self.index_.query(X, k=n_neighbors, epsilon=self.epsilon)
+        finally:
+            numba.set_num_threads(previous)
+
+    def nearest_within(self, X, bounds) -> tuple[np.ndarray, np.ndarray]:
+        """Exact nearest bank row of queries whose nearest distance has a known upper bound.
+
+        Distances on the bank's leading principal axes are lower bounds of the
+        full ones, so only the bank rows whose projected distance to a query
+        is within its bound can be its nearest row; those few are compared in
+        full. This costs a pass over the projected bank (at most 64 columns)
+        instead of the whole one, and gives the same neighbours as exact
+        search. Falls back to exact search when the bounds leave too much of
+        the bank, and with the exact backend.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_queries, n_features_in_), float32
+        bounds : ndarray of shape (n_queries,)
+            Distances not below each query's nearest distance, e.g. those of
+            an approximate search.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_queries, 1), float32
+            Computed from differences (exact search: from the expansion, so
+            the two may differ by float32 rounding).
+        indices : ndarray of shape (n_queries, 1), int64
+        """
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
+        bounds = np.asarray(bounds, dtype=np.float32)
+        if self.principal_axes_ is None:
+            return self._exact(X, 1)
+        Z = torch.from_numpy(X) @ torch.from_numpy(self.principal_axes_)
+        bank_z = torch.from_numpy(self.bank_projected_)
+        z_sq, bank_z_sq = _squared_norms(Z), self._bank_projected_sq_norms
+        lower_sq = torch.addmm(bank_z_sq[:, None], bank_z, Z.T, alpha=-2.0).T
+        # Slack for float32 rounding, of the expansion and of the bounds themselves.
+        limit = (
+            torch.from_numpy(bounds * (1 + 1e-5)) ** 2
+            - z_sq * (1 - 1e-5)
+            + 1e-5 * bank_z_sq.max()
+        )
+        candidates = (lower_sq <= limit[:, None]).numpy()
+        if candidates.sum() > candidates.size // 4:  # gathering would cost more than a pass
+            return self._exact(X, 1)
+        distances = np.empty((len(X), 1), dtype=np.float32)
+        indices = np.empty((len(X), 1), dtype=np.int64)
+        for i, rows in enumerate(candidates):
+            rows = np.flatnonzero(rows)
+            if len(rows) == 0:  # only if a bound was not one
+                distances[i], indices[i] = self._exact(X[i : i + 1], 1)
+                continue
+            dist = np.linalg.norm(self.bank_[rows] - X[i], axis=1)
+            best = dist.argmin()
+            distances[i, 0], indices[i, 0] = dist[best], rows[best]
         return distances, indices
 
     def _exact(self, X, n_neighbors):

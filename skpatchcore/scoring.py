@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["max_patches", "rerank_max_patches", "reweighted_scores"]
+__all__ = ["image_scores", "max_patches", "rerank_max_patches", "reweighted_scores"]
 
 
 def max_patches(patch_dist: np.ndarray, patch_idx: np.ndarray):
@@ -37,17 +37,24 @@ def max_patches(patch_dist: np.ndarray, patch_idx: np.ndarray):
 def rerank_max_patches(
     patches: np.ndarray,
     patch_dist: np.ndarray,
-    exact_nn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-    chunk: int = 16,
+    exact_nn: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    first: int = 4,
 ):
     """Exact :func:`max_patches` from approximate nearest neighbours.
 
     An approximate search returns *some* bank entry, so its distance can only
-    over-estimate the true nearest distance. Patches are therefore checked
-    exactly in decreasing approximate distance, and the scan stops once the
-    next approximate distance falls below the best exact one found: no later
-    patch can beat it. Typically a few dozen exact queries per image instead of
-    all of them.
+    over-estimate the true nearest distance. A patch whose approximate
+    distance is below the best exact distance found so far therefore cannot be
+    the maximum. Each round searches exactly, for all images in one query,
+    the next patches in decreasing approximate distance whose bound still
+    reaches their image's best exact distance: ``first`` of them per image,
+    then twice as many each round, until none is left.
+
+    The top few are checked together because the patch with the largest
+    approximate distance is often one the search over-estimated, whose exact
+    distance would prune little. On MVTec bottle features with the defaults of
+    :class:`~skpatchcore.NearestNeighborIndex`, ``first=4`` settled 95 % of the images in one round, checking
+    about 5 patches per image where one-at-a-time checking needs 2-3.
 
     Parameters
     ----------
@@ -55,31 +62,78 @@ def rerank_max_patches(
     patch_dist : ndarray of shape (n_images, n_patches)
         Approximate nearest distances (upper bounds of the exact ones).
     exact_nn : callable
-        Exact 1-NN: ``(q, D)`` queries to distances and indices of shape ``(q, 1)``.
-    chunk : int, default=16
-        Patches checked per exact query.
+        Exact 1-NN: ``(q, D)`` queries and their approximate distances (upper
+        bounds, which the search may use) to distances and indices of shape
+        ``(q, 1)``.
+    first : int, default=4
+        Patches per image checked in the first round.
 
     Returns
     -------
     s_star, patch, bank_idx : as :func:`max_patches`, exact.
     """
     n_images = len(patch_dist)
-    s_star = np.empty(n_images, dtype=np.float32)
-    best_patch = np.empty(n_images, dtype=np.int64)
-    bank_idx = np.empty(n_images, dtype=np.int64)
     order = np.argsort(-patch_dist, axis=1, kind="stable")
-    for i in range(n_images):
-        best = -1.0
-        for start in range(0, order.shape[1], chunk):
-            candidates = order[i, start : start + chunk]
-            if patch_dist[i, candidates[0]] < best:
-                break
-            dist, idx = exact_nn(patches[i, candidates])
-            j = int(dist[:, 0].argmax())
-            if dist[j, 0] > best:
-                best, best_patch[i], bank_idx[i] = float(dist[j, 0]), candidates[j], idx[j, 0]
-        s_star[i] = best
+    bounds = np.take_along_axis(patch_dist, order, axis=1)  # descending per row
+    s_star = np.full(n_images, -np.inf, dtype=np.float32)
+    best_patch = np.zeros(n_images, dtype=np.int64)
+    bank_idx = np.zeros(n_images, dtype=np.int64)
+    checked = np.zeros(n_images, dtype=np.int64)  # a prefix of each row of ``order``
+    width = first
+    while True:
+        # Sorted bounds: the patches that can still win are a prefix of each row.
+        reach = (bounds >= s_star[:, None]).sum(axis=1)
+        take = np.clip(reach - checked, 0, width)
+        if not take.any():
+            break
+        rows = np.repeat(np.arange(n_images), take)
+        ranks = checked[rows] + np.arange(len(rows)) - np.repeat(np.cumsum(take) - take, take)
+        cols = order[rows, ranks]
+        dist, idx = exact_nn(patches[rows, cols], patch_dist[rows, cols])
+        # The farthest candidate of each image in this round.
+        by_row = np.lexsort((-dist[:, 0], rows))
+        top = by_row[np.r_[True, rows[by_row][1:] != rows[by_row][:-1]]]
+        gain = top[dist[top, 0] > s_star[rows[top]]]
+        s_star[rows[gain]] = dist[gain, 0]
+        best_patch[rows[gain]] = cols[gain]
+        bank_idx[rows[gain]] = idx[gain, 0]
+        checked += take
+        width *= 2
     return s_star, best_patch, bank_idx
+
+
+def image_scores(index, patches: np.ndarray, bank_neighbors: np.ndarray):
+    """Patch distances and image scores of images' patch features (Eq. 6-7).
+
+    Parameters
+    ----------
+    index : NearestNeighborIndex
+        Fitted index of the memory bank.
+    patches : ndarray of shape (n_images, n_patches, D), float32
+    bank_neighbors : ndarray of shape (n_bank, b)
+        The ``b`` nearest bank entries of every bank entry, itself first: the
+        support of ``m*`` in the reweighting.
+
+    Returns
+    -------
+    scores : ndarray of shape (n_images,), float32
+        Reweighted largest patch distances, the same with either backend of
+        ``index``: an approximate search's maximum is re-ranked exactly.
+    patch_dist : ndarray of shape (n_images, n_patches), float32
+        Nearest distance of each patch as the backend found it (approximate
+        search: an upper bound of the exact one).
+    """
+    n_images, n_patches, dim = patches.shape
+    dist, idx = index.kneighbors(patches.reshape(-1, dim), 1)
+    dist, idx = dist[:, 0].reshape(n_images, n_patches), idx[:, 0].reshape(n_images, n_patches)
+    if index.algorithm_ == "exact":
+        _, patch, nearest = max_patches(dist, idx)
+    else:
+        _, patch, nearest = rerank_max_patches(patches, dist, index.nearest_within)
+    scores = reweighted_scores(
+        patches[np.arange(n_images), patch], index.bank_, bank_neighbors[nearest]
+    )
+    return scores, dist
 
 
 def reweighted_scores(

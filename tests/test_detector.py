@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +181,35 @@ def test_failed_refit_leaves_the_fitted_state_untouched(fitted, textures):
         fitted.fit(np.full((4, 32, 32, 3), np.nan))
     assert fitted.memory_bank_ is bank and fitted.offset_ == offset
     assert fitted.score_samples(textures[1]).shape == (6,)
+
+
+def test_pickle_saves_a_cpu_network_as_it_is(fitted):
+    state = fitted.__getstate__()
+    assert state["feature_extractor_"] is fitted.feature_extractor_  # no copy
+    assert state is not fitted.__dict__
+    loaded = pickle.loads(pickle.dumps(fitted))
+    assert loaded.__dict__.keys() == fitted.__dict__.keys()
+    saved, live = loaded.feature_extractor_.state_dict(), fitted.feature_extractor_.state_dict()
+    assert saved.keys() == live.keys()
+    assert all(torch.equal(saved[name], live[name]) for name in live)
+    np.testing.assert_array_equal(loaded.memory_bank_, fitted.memory_bank_)
+    assert loaded.offset_ == fitted.offset_
+
+
+def test_copies_score_like_the_original(fitted, textures):
+    want = fitted.score_samples(textures[1])
+    for copied in (copy.deepcopy(fitted), pickle.loads(pickle.dumps(fitted))):
+        np.testing.assert_array_equal(copied.score_samples(textures[1]), want)
+
+
+def test_scoring_searches_on_the_detector_device_not_the_fit_one(fitted, textures):
+    # As a CUDA fit loads on a CPU machine after set_params(device="cpu"): network
+    # on the CPU, index built for "cuda".
+    gpu_fitted = pickle.loads(pickle.dumps(fitted))
+    gpu_fitted.nn_index_.set_params(device="cuda")
+    np.testing.assert_array_equal(
+        gpu_fitted.score_samples(textures[1]), fitted.score_samples(textures[1])
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present on this machine")

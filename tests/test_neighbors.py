@@ -10,6 +10,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import neighbors
 from skpatchcore.neighbors import NearestNeighborIndex, exact_kneighbors
+from skpatchcore.scoring import image_scores
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,10 @@ def test_exact_distances_of_duplicates_are_clipped_at_zero():
     assert np.all(dist[:, 0] <= 5e-4 * np.linalg.norm(bank, axis=1))
 
 
-def test_groups_exclude_bank_entries_of_the_same_group(data):
+@pytest.mark.parametrize("n_queries", [5, 120])  # both layouts of the product
+def test_groups_exclude_bank_entries_of_the_same_group(data, n_queries):
     bank, queries = data
+    queries = queries[:n_queries]
     rng = np.random.RandomState(1)
     query_groups = rng.randint(4, size=len(queries))
     bank_groups = rng.randint(4, size=len(bank))
@@ -79,13 +82,14 @@ def test_groups_exclude_bank_entries_of_the_same_group(data):
     assert not np.any(query_groups[:, None] == bank_groups[idx])
 
 
-def test_tiny_working_memory_gives_identical_results(data):
+def test_tiny_working_memory_gives_the_same_neighbors(data):
     bank, queries = data
     # 0.01 MiB holds about 4 rows of 300 distances: many chunks.
     chunked = exact_kneighbors(queries, bank, 4, working_memory=0.01)
     whole = exact_kneighbors(queries, bank, 4)
-    np.testing.assert_array_equal(chunked[0], whole[0])
     np.testing.assert_array_equal(chunked[1], whole[1])
+    # Small chunks take the other layout of the product: float32 rounding may differ.
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
 
 
 def test_exact_accepts_torch_tensors_and_precomputed_norms(data):
@@ -162,6 +166,51 @@ def test_pynndescent_rows_it_leaves_short_are_searched_exactly(approximate_index
     np.testing.assert_array_equal(idx[0], want_idx[0])
     np.testing.assert_array_equal(dist[0], want_dist[0])
     assert np.all(np.isfinite(dist))
+
+
+def test_pynndescent_parallel_queries_match_serial_ones(approximate_index, clusters):
+    import numba
+
+    bank, queries = clusters
+    parallel = NearestNeighborIndex("pynndescent", random_state=0, n_jobs=2).fit(bank)
+    assert parallel.index_.parallel_batch_queries
+    assert not approximate_index.index_.parallel_batch_queries
+    threads = numba.get_num_threads()
+    dist, idx = parallel.kneighbors(queries, 3)
+    assert numba.get_num_threads() == threads  # restored after the query
+    want_dist, want_idx = approximate_index.kneighbors(queries, 3)
+    # Same seed, same graph: the threads split the queries, not the search.
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(dist, want_dist)
+
+
+def test_nearest_within_bounds_is_exact():
+    # 100 dims, more than the 64 principal axes kept: the bounds prune, inexactly.
+    rng = np.random.RandomState(0)
+    latent = rng.normal(size=(2600, 10)) @ rng.normal(size=(10, 100))
+    points = (latent + 0.3 * rng.normal(size=(2600, 100))).astype(np.float32)
+    bank, queries = points[:2000], points[2000:]
+    index = NearestNeighborIndex("pynndescent", random_state=0).fit(bank)
+    assert index.principal_axes_.shape == (100, 64)
+    want_dist, want_idx = exact_kneighbors(queries, bank, 1)
+    approx_dist, _ = index.kneighbors(queries, 1)
+    true_dist = np.linalg.norm(queries.astype(np.float64) - bank[want_idx[:, 0]], axis=1)
+    for bounds in (approx_dist[:, 0], true_dist, 1.5 * approx_dist[:, 0], np.full(600, 1e9)):
+        dist, idx = index.nearest_within(queries, bounds)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_allclose(dist[:, 0], true_dist, rtol=1e-3)
+
+
+def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
+    bank, queries = clusters
+    images = queries[:480].reshape(5, 96, -1)  # 5 "images" of 96 patches
+    exact = NearestNeighborIndex("exact").fit(bank)
+    support = exact.kneighbors(bank, 9)[1]
+    want, want_dist = image_scores(exact, images, support)
+    got, got_dist = image_scores(approximate_index, images, support)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    # Patch distances only over-estimate (up to the exact search's float32 rounding).
+    assert np.all(got_dist >= want_dist * (1 - 1e-3))
 
 
 def test_pynndescent_auto_picks_the_graph_for_a_large_bank(clusters, monkeypatch):

@@ -22,7 +22,7 @@ def test_rerank_recovers_the_exact_maximum_from_upper_bounds():
     exact, exact_idx = exact.reshape(5, 64), exact_idx.reshape(5, 64)
     # An approximate search over-estimates: inflate the distances at random.
     approx = exact * rng.uniform(1.0, 1.5, size=exact.shape)
-    s_star, patch, nearest = rerank_max_patches(patches, approx, nn.kneighbors, chunk=4)
+    s_star, patch, nearest = rerank_max_patches(patches, approx, lambda q, _: nn.kneighbors(q), first=1)
     want_s, want_patch, want_nearest = max_patches(exact, exact_idx)
     np.testing.assert_allclose(s_star, want_s, rtol=1e-6)
     np.testing.assert_array_equal(patch, want_patch)
@@ -42,3 +42,29 @@ def test_single_support_entry_disables_reweighting():
     bank = np.zeros((1, 2), dtype=np.float32)
     out = reweighted_scores(np.array([[0.3, 0.4]], np.float32), bank, np.array([[0]]))
     np.testing.assert_allclose(out, [0.5])
+
+
+def test_rerank_checks_few_patches_when_the_bounds_are_tight():
+    rng = np.random.RandomState(1)
+    bank = rng.normal(size=(300, 8)).astype(np.float32)
+    patches = rng.normal(size=(4, 256, 8)).astype(np.float32)
+    nn = NearestNeighbors(n_neighbors=1).fit(bank)
+    exact, exact_idx = (a.reshape(4, 256) for a in nn.kneighbors(patches.reshape(-1, 8)))
+    approx = exact * rng.uniform(1.0, 1.01, size=exact.shape)
+    asked = []
+
+    def counting_nn(queries, bounds):
+        assert np.all(bounds >= nn.kneighbors(queries)[0][:, 0] - 1e-6)
+        asked.append(len(queries))
+        return nn.kneighbors(queries)
+
+    s_star, patch, _ = rerank_max_patches(patches, approx, counting_nn, first=2)
+    want_s, want_patch, _ = max_patches(exact, exact_idx)
+    np.testing.assert_allclose(s_star, want_s, rtol=1e-6)
+    np.testing.assert_array_equal(patch, want_patch)
+    # One query per round for all images, the first of 2 patches each; then only
+    # patches whose bound reaches the best found are checked, in doubling rounds.
+    assert asked[0] == 2 * len(patches)
+    reach = (approx >= want_s[:, None]).sum(axis=1)
+    assert sum(asked) <= 2 * np.maximum(reach, 2).sum()
+    assert len(asked) <= 1 + int(np.ceil(np.log2(reach.max())))
