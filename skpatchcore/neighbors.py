@@ -229,9 +229,10 @@ def _principal_projection(bank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Leading principal axes of ``bank`` ``(n_features, r)`` and the bank on them."""
     mean = bank.mean(axis=0, dtype=np.float64).astype(np.float32)
     centred = torch.from_numpy(bank - mean)
-    # eigh of the Gram matrix: the axes of the largest variance come last.
-    _, vectors = torch.linalg.eigh(centred.T @ centred)
-    axes = vectors[:, -_BOUND_AXES:].flip(1).contiguous()
+    # eigh of the Gram matrix (largest variance last), in float64 so that the axes
+    # are orthonormal: projected distances must not exceed the full ones.
+    _, vectors = torch.linalg.eigh((centred.T @ centred).double())
+    axes = vectors[:, -_BOUND_AXES:].flip(1).float().contiguous()
     return axes.numpy(), (torch.from_numpy(bank) @ axes).numpy()
 
 
@@ -570,6 +571,10 @@ class NearestNeighborIndex(BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
         bounds = np.asarray(bounds, dtype=np.float32)
+        if bounds.shape != (len(X),):
+            raise ValueError(
+                f"bounds must have shape ({len(X)},), one per query; got {bounds.shape}."
+            )
         if self.principal_axes_ is None:
             return self._exact(X, 1)
         Z = torch.from_numpy(X) @ torch.from_numpy(self.principal_axes_)

@@ -184,7 +184,7 @@ def test_pynndescent_parallel_queries_match_serial_ones(approximate_index, clust
     np.testing.assert_array_equal(dist, want_dist)
 
 
-def test_nearest_within_bounds_is_exact():
+def test_nearest_within_bounds_is_exact(monkeypatch):
     # 100 dims, more than the 64 principal axes kept: the bounds prune, inexactly.
     rng = np.random.RandomState(0)
     latent = rng.normal(size=(2600, 10)) @ rng.normal(size=(10, 100))
@@ -195,10 +195,20 @@ def test_nearest_within_bounds_is_exact():
     want_dist, want_idx = exact_kneighbors(queries, bank, 1)
     approx_dist, _ = index.kneighbors(queries, 1)
     true_dist = np.linalg.norm(queries.astype(np.float64) - bank[want_idx[:, 0]], axis=1)
-    for bounds in (approx_dist[:, 0], true_dist, 1.5 * approx_dist[:, 0], np.full(600, 1e9)):
+    full_passes = []
+    exact = index._exact
+    monkeypatch.setattr(index, "_exact", lambda X, k: full_passes.append(len(X)) or exact(X, k))
+    for bounds in (approx_dist[:, 0], true_dist, 1.5 * approx_dist[:, 0]):
         dist, idx = index.nearest_within(queries, bounds)
         np.testing.assert_array_equal(idx, want_idx)
         np.testing.assert_allclose(dist[:, 0], true_dist, rtol=1e-3)
+    assert full_passes == []  # the bounds pruned: no exact pass over the whole bank
+    # Bounds that prune nothing: the plain exact search.
+    dist, idx = index.nearest_within(queries, np.full(600, 1e9))
+    np.testing.assert_array_equal(idx, want_idx)
+    assert full_passes == [600]
+    with pytest.raises(ValueError, match="one per query"):
+        index.nearest_within(queries, bounds[:5])
 
 
 def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
