@@ -20,8 +20,8 @@ Banks, both 10 % of the training patches chosen by
 Per image, everything the detector does between the network and the maps
 (``scoring.image_scores``): nearest bank entry of every patch, the image's
 largest patch distance (re-ranked exactly after pynndescent, so that the score
-is exact) and the Eq. 7 reweighting with the support table the detector builds in
-``fit``. Calls of one test image (1024 patches) and of 16 test images, as the
+is exact) and the Eq. 7 reweighting, its support searched exactly for the image's
+``m*``. Calls of one test image (1024 patches) and of 16 test images, as the
 detector's default ``batch_size`` scores them; medians over the calls. Backends:
 exact search; pynndescent with its queries on one thread (``n_jobs=None``) and on
 every core (``n_jobs=-1``); and pynndescent's search alone, without the rest.
@@ -110,7 +110,6 @@ def jobs_for(name, net, images, bank, test, indexes) -> dict:
     """Timed calls of one backbone and its bank: forward passes and scoring per image."""
     x = torch.from_numpy(images[:16]).permute(0, 3, 1, 2).float().div(255)
     exact = NearestNeighborIndex("exact").fit(bank)
-    support = exact.kneighbors(bank, N_NEIGHBORS)[1]
     one = [(patches[None],) for patches in test]
     size = min(16, len(test))  # --quick has 12 test images
     sixteen = [(test[i : i + size],) for i in range(0, len(test) - size + 1, size)]
@@ -120,7 +119,7 @@ def jobs_for(name, net, images, bank, test, indexes) -> dict:
             net(batch)
 
     def scores(index):
-        return lambda patches: image_scores(index, patches, support)
+        return lambda patches: image_scores(index, patches, N_NEIGHBORS)
 
     jobs = {
         (name, "forward", 1): (forward, [(x[i : i + 1],) for i in range(len(x))], 1),
@@ -145,8 +144,8 @@ def accuracy(bank: np.ndarray, test: np.ndarray, index: NearestNeighborIndex) ->
     n_images, n_patches, dim = test.shape
     exact_index = NearestNeighborIndex("exact").fit(bank)
     support = exact_index.kneighbors(bank, N_NEIGHBORS)[1]
-    exact_scores, exact_dist = image_scores(exact_index, test, support)
-    approx_scores, approx_dist = image_scores(index, test, support)
+    exact_scores, exact_dist = image_scores(exact_index, test, N_NEIGHBORS)
+    approx_scores, approx_dist = image_scores(index, test, N_NEIGHBORS)
     exact_idx = exact_index.kneighbors(test.reshape(-1, dim), 1)[1][:, 0]
     approx_idx = index.kneighbors(test.reshape(-1, dim), 1)[1][:, 0]
     rel = ((approx_dist - exact_dist) / np.maximum(exact_dist, 1e-6)).ravel()

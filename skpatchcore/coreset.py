@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._device import check_device
 
-__all__ = ["GreedyCoresetSampler", "k_center_greedy"]
+__all__ = ["GreedyCoresetSampler", "ProjectedRows", "coreset_size", "k_center_greedy"]
 
 # Minimum squared distance of the points already chosen: below every real squared
 # distance, so they are never picked again, even when only duplicates remain.
@@ -108,7 +108,7 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
     fall below r: the triangle inequality ``d(x, c) >= d(p, c) - r`` (so
     ``d(p, c) >= 2 r`` rules x out) and the distance on the leading 16, then
     32, columns, lower bounds that are tight when those are the principal
-    axes (as :func:`_project` arranges). Survivors get the exact distance,
+    axes (as :class:`ProjectedRows` arranges). Survivors get the exact distance,
     computed as the plain method does.
     """
     n, dim = Z.shape
@@ -484,28 +484,22 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
         X = validate_data(self, _to_numpy(X), dtype=np.float32)
         n_samples, n_features = X.shape
         self.n_samples_fit_ = n_samples
-        rng = check_random_state(self.random_state)
-        projection_seed = rng.randint(np.iinfo(np.int32).max)
-        start = int(rng.randint(n_samples))
-        n_selected = coreset_size(self.coreset_ratio, n_samples)
-
-        self.projection_ = None
-        if n_selected == n_samples:
-            self.indices_ = np.arange(n_samples, dtype=np.int64)
-            self.radius_ = 0.0
-            return self
-        if self.projection_dim is not None and self.projection_dim < n_features:
-            # Only the shape of X matters to fit the projection.
-            self.projection_ = GaussianRandomProjection(
-                self.projection_dim, random_state=projection_seed
-            ).fit(X[:1])
         device = check_device(self.device)
+        if coreset_size(self.coreset_ratio, n_samples) == n_samples:
+            self.indices_, self.radius_, self.projection_ = np.arange(n_samples), 0.0, None
+            return self
         with _one_cpu_thread(device):
-            Z = _project(X, self.projection_, _DTYPES[self.projection_dtype], device)
-            indices, self.radius_ = k_center_greedy(
-                Z, n_selected, start, method=self.method, verbose=self.verbose
+            stream = ProjectedRows(
+                n_samples, n_features, projection_dim=self.projection_dim,
+                dtype=self.projection_dtype, random_state=self.random_state, device=device,
             )
-        self.indices_ = indices.cpu().numpy()
+            # 1 MiB batches: the only copies of input rows that the projection makes.
+            for rows in _batches(n_samples, max(1, (1 << 18) // n_features)):
+                stream.add(torch.from_numpy(X[rows]))
+            self.indices_, self.radius_ = stream.select(
+                self.coreset_ratio, method=self.method, verbose=self.verbose
+            )
+        self.projection_ = stream.projection_
         return self
 
     def transform(self, X):
@@ -543,28 +537,100 @@ def _to_numpy(X):
     return X
 
 
-def _project(X: np.ndarray, projection, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Centred, projected copy of ``X`` on its principal axes, ``dtype`` on ``device``.
+class ProjectedRows:
+    """The coreset's projected copy of feature rows, filled batch by batch.
 
-    Rotating leaves distances as they are and puts most of the spread in the
-    leading columns, which the accelerated selection uses as a lower bound.
+    PatchCore selects its coreset on a Gaussian random projection of the
+    patch features (Sec. 3.2). Projecting each batch as it comes lets a
+    caller stream features from the network without ever holding all of
+    them in float32: only this ``(n_samples, projection_dim)`` copy is kept.
+    :class:`GreedyCoresetSampler` and the detector both select through it, so
+    they draw the same projection and start row from the same ``random_state``.
+
+    Parameters
+    ----------
+    n_samples, n_features : int
+        Rows to come and their dimension.
+    projection_dim : int or None
+        As :class:`GreedyCoresetSampler`; ``None`` or a value not below
+        ``n_features`` keeps the features as they are.
+    dtype : {"float32", "float16", "bfloat16"}
+        Storage of the projected copy.
+    random_state : int, RandomState instance or None
+        Seeds the projection, then the start row of :meth:`select`.
+    device : torch.device
+        Where the copy lives and the selection runs.
+
+    Attributes
+    ----------
+    projection_ : GaussianRandomProjection or None
+        The projection used; None without one.
     """
-    matrix = None if projection is None else torch.tensor(projection.components_.T, device=device)
-    mean = torch.tensor(X.mean(0, dtype=np.float64), dtype=torch.float32, device=device)
-    dim = X.shape[1] if matrix is None else matrix.shape[1]
-    Z = torch.empty(len(X), dim, dtype=dtype, device=device)
-    # Reused 1 MiB batches: the only copies of input rows that the projection makes.
-    step = max(1, (1 << 18) // X.shape[1])
-    batch = np.empty((step, X.shape[1]), dtype=np.float32)
-    out = None if matrix is None else torch.empty(step, dim, device=device)
-    for b in _batches(len(X), step):
-        m = b.stop - b.start
-        batch[:m] = X[b]
-        rows = torch.from_numpy(batch[:m]).to(device).sub_(mean)
-        Z[b] = rows if matrix is None else torch.mm(rows, matrix, out=out[:m])
-    if dim <= _MAX_ROTATED_DIM:
+
+    def __init__(self, n_samples, n_features, *, projection_dim, dtype, random_state, device):
+        self._rng = check_random_state(random_state)
+        projection_seed = self._rng.randint(np.iinfo(np.int32).max)
+        self.projection_ = None
+        self._matrix = None
+        if projection_dim is not None and projection_dim < n_features:
+            # Only the number of features matters to fit the projection.
+            self.projection_ = GaussianRandomProjection(
+                projection_dim, random_state=projection_seed
+            ).fit(np.zeros((1, n_features), dtype=np.float32))
+            self._matrix = torch.tensor(self.projection_.components_.T, device=device)
+        dim = n_features if self._matrix is None else projection_dim
+        self.Z = torch.empty(n_samples, dim, dtype=_DTYPES[dtype], device=device)
+        self._offset = None
+        self._filled = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Project the next ``(m, n_features)`` rows, in order."""
+        rows = rows.to(self.Z.device, torch.float32)
+        if self._offset is None:
+            # Shifting by the first batch's mean keeps the stored values near 0,
+            # where half precision is finest; the exact centring comes in select.
+            self._offset = rows.mean(0, dtype=torch.float64).float()
+        stop = self._filled + len(rows)
+        rows = rows - self._offset
+        self.Z[self._filled : stop] = rows if self._matrix is None else rows @ self._matrix
+        self._filled = stop
+
+    def select(self, coreset_ratio: float, *, method: str = "accelerated", verbose: int = 0):
+        """Greedy k-center selection on the rows added (all of them must be).
+
+        Returns
+        -------
+        indices : ndarray of shape (n_selected,), int64
+            Selected rows, in selection order, ``n_selected`` given by
+            :func:`coreset_size`.
+        radius : float
+            Coverage radius in the projected space; 0 when every row is kept.
+        """
+        n_samples = len(self.Z)
+        if self._filled != n_samples:
+            raise ValueError(f"{self._filled} rows were added, {n_samples} were announced.")
+        start = int(self._rng.randint(n_samples))
+        n_selected = coreset_size(coreset_ratio, n_samples)
+        if n_selected == n_samples:
+            return np.arange(n_samples, dtype=np.int64), 0.0
+        _centre_and_rotate(self.Z)
+        indices, radius = k_center_greedy(self.Z, n_selected, start, method=method, verbose=verbose)
+        return indices.cpu().numpy(), radius
+
+
+def _centre_and_rotate(Z: torch.Tensor) -> None:
+    """Centre the rows of ``Z`` in place and, when small enough, rotate them onto
+    their principal axes: distances stay as they are, and the leading columns
+    then carry most of the spread, which the accelerated selection uses as a
+    lower bound."""
+    mean = torch.zeros(Z.shape[1], dtype=torch.float64, device=Z.device)
+    for b in _batches(len(Z), _CHUNK_ROWS):
+        mean += Z[b].sum(0, dtype=torch.float64)
+    mean = (mean / len(Z)).float()
+    for b in _batches(len(Z), _CHUNK_ROWS):
+        Z[b] = Z[b].float().sub_(mean)
+    if Z.shape[1] <= _MAX_ROTATED_DIM:
         _rotate_to_principal_axes(Z)
-    return Z
 
 
 def _rotate_to_principal_axes(Z: torch.Tensor) -> None:

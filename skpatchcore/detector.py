@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from numbers import Integral, Real
 
@@ -13,7 +15,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import check_device, module_on
-from .coreset import GreedyCoresetSampler, coreset_size
+from ._memory import check_memory
+from .coreset import ProjectedRows, coreset_size
 from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
 from .images import check_images, crop_box, resized_shape
 from .maps import anomaly_maps
@@ -21,6 +24,10 @@ from .neighbors import NearestNeighborIndex, exact_kneighbors
 from .scoring import image_scores, max_patches, reweighted_scores
 
 __all__ = ["PatchCoreDetector"]
+
+# Float16 patch features up to this size stay in memory during fit; larger ones
+# are memory-mapped in a temporary folder (removed when fit ends).
+_IN_MEMORY_FEATURE_BYTES = 1 << 30
 
 
 def _size_spec(value) -> bool:
@@ -90,11 +97,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Nearest-neighbour backend (see :class:`NearestNeighborIndex`). Image
         scores are exact whichever is used.
     contamination : "auto" or float in (0, 0.5], default="auto"
-        Sets ``offset_`` from leave-one-image-out scores of the training
-        images (each scored against bank entries from the *other* images,
-        since a bank scores its own patches near 0): ``"auto"`` puts the
-        threshold at the highest of them, so every held-out training image
-        passes; a float flags that fraction of them.
+        Sets ``offset_`` from leave-one-image-out scores of training images
+        (each scored against bank entries from the *other* images, since a
+        bank scores its own patches near 0): ``"auto"`` puts the threshold at
+        the highest of them, so every held-out training image passes; a float
+        flags that fraction of them.
+    max_threshold_images : int or None, default=50
+        Training images scored leave-one-image-out for the thresholds: a
+        seeded subset of this many, or all of them with None. Each costs an
+        exact search of its patches through the bank, so the subset keeps
+        ``fit`` linear in the number of training images.
     sigma : float, default=4.0
         Gaussian smoothing of the maps, in pixels of the network input.
     image_shape : (H, W) or (H, W, C), default=None
@@ -128,16 +140,16 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         Their positions among all ``n_train * h * w`` training patches.
     nn_index_ : NearestNeighborIndex
         Index over ``memory_bank_``, built once here.
-    bank_neighbors_ : ndarray of shape (n_bank, b)
-        Each bank entry's ``b = min(n_neighbors, n_bank)`` nearest bank
-        entries, itself (or a duplicate) first: the support of Eq. 7.
     offset_ : float
         Threshold on :meth:`score_samples`; ``decision_function = score_samples - offset_``.
     pixel_threshold_ : float
         Default threshold of :meth:`predict_masks`: the highest
         leave-one-image-out map value of the training images.
-    train_score_samples_ : ndarray of shape (n_train,)
-        Leave-one-image-out :meth:`score_samples` of the training images.
+    threshold_image_indices_ : ndarray of shape (n_threshold,)
+        Positions among the (normal) training images of those scored for the
+        thresholds; see ``max_threshold_images``.
+    train_score_samples_ : ndarray of shape (n_threshold,)
+        Their leave-one-image-out :meth:`score_samples`.
     n_features_in_ : int
         Values per training image (``H * W * C``).
     image_shape_ : tuple of int
@@ -201,6 +213,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         "n_neighbors": [Interval(Integral, 1, None, closed="left")],
         "algorithm": [StrOptions({"auto", "exact", "pynndescent"})],
         "contamination": [StrOptions({"auto"}), Interval(Real, 0, 0.5, closed="right")],
+        "max_threshold_images": [Interval(Integral, 2, None, closed="left"), None],
         "sigma": [Interval(Real, 0, None, closed="left")],
         "image_shape": [None, tuple, list],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -223,6 +236,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         n_neighbors=9,
         algorithm="auto",
         contamination="auto",
+        max_threshold_images=50,
         sigma=4.0,
         image_shape=None,
         batch_size=16,
@@ -241,6 +255,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.n_neighbors = n_neighbors
         self.algorithm = algorithm
         self.contamination = contamination
+        self.max_threshold_images = max_threshold_images
         self.sigma = sigma
         self.image_shape = image_shape
         self.batch_size = batch_size
@@ -287,59 +302,50 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 f"set by scoring each one against the others); got n_samples = {len(images)}."
             )
         rng = check_random_state(self.random_state)
-        coreset_seed, index_seed = rng.randint(np.iinfo(np.int32).max, size=2)
+        coreset_seed, index_seed, threshold_seed = rng.randint(np.iinfo(np.int32).max, size=3)
 
-        start = time.perf_counter()
         extractor = self.feature_extractor
         if isinstance(extractor, str):
             extractor = TorchvisionExtractor(extractor)
         net = extractor.load().to(device)
         size = resized_shape(images.shape[1:3], self.image_size)
         box = crop_box(size, self.crop_size)
-        patches = self._extract(net, images, size, box, device)
-        n_images, h, w, dim = patches.shape
-        self._log(f"extracted {n_images * h * w} patch features of {n_images} images "
-                  f"({h}x{w} grid, {dim} dims)", start)
-
-        n_bank = coreset_size(self.coreset_ratio, n_images * h * w)
-        if n_bank < self.n_neighbors:
-            raise ValueError(
-                f"The coreset would keep {n_bank} of {n_images * h * w} patches, fewer than "
-                f"n_neighbors={self.n_neighbors} needed by the score reweighting. Use more "
-                "images, a larger image_size or coreset_ratio, or a smaller n_neighbors."
+        # Large feature sets are memory-mapped in here; removed however fit ends.
+        with tempfile.TemporaryDirectory(prefix="skpatchcore-") as folder:
+            start = time.perf_counter()
+            features, projected = self._extract_for_fit(
+                net, images, size, box, device, int(coreset_seed), folder
             )
-        flat = patches.reshape(-1, dim)
-        start = time.perf_counter()
-        sampler = GreedyCoresetSampler(
-            coreset_ratio=self.coreset_ratio,
-            projection_dim=self.projection_dim,
-            method=self.coreset_method,
-            random_state=int(coreset_seed),
-            device=device,
-        ).fit(flat)
-        coreset = sampler.indices_
-        bank = np.ascontiguousarray(flat[coreset])
-        self._log(f"coreset of {len(bank)} entries", start)
+            n_images, h, w, dim = features.shape
+            self._log(f"extracted {n_images * h * w} patch features of {n_images} images "
+                      f"({h}x{w} grid, {dim} dims)", start)
 
-        start = time.perf_counter()
-        index = NearestNeighborIndex(
-            algorithm=self.algorithm, random_state=int(index_seed), n_jobs=self.n_jobs,
-            device=device,
-        ).fit(bank)
-        # Eq. 7 weighs s* against the b bank neighbours of m*: looked up here
-        # once per bank entry rather than searched again for every test image.
-        bank_neighbors = index.kneighbors(bank, min(self.n_neighbors, len(bank)), exact=True)[1]
-        self._log(f"{index.algorithm_} nearest-neighbour index", start)
+            start = time.perf_counter()
+            coreset, _ = projected.select(self.coreset_ratio, method=self.coreset_method)
+            del projected
+            bank = features.reshape(-1, dim)[coreset].astype(np.float32)
+            self._log(f"coreset of {len(bank)} entries", start)
 
-        start = time.perf_counter()
-        loo_scores, loo_maps = self._leave_one_out(patches, bank, coreset // (h * w), size, box)
-        self._log("leave-one-image-out thresholds", start)
+            start = time.perf_counter()
+            index = NearestNeighborIndex(
+                algorithm=self.algorithm, expected_n_queries=n_images * h * w,
+                random_state=int(index_seed), n_jobs=self.n_jobs, device=device,
+            ).fit(bank)
+            self._log(f"{index.algorithm_} nearest-neighbour index", start)
+
+            start = time.perf_counter()
+            held_out = self._threshold_images(n_images, int(threshold_seed))
+            loo_scores, loo_maps = self._leave_one_out(
+                features[held_out].astype(np.float32), held_out, bank, coreset // (h * w), size, box
+            )
+            del features
+            self._log(f"leave-one-image-out thresholds of {len(held_out)} images", start)
 
         self.feature_extractor_ = net
         self.memory_bank_ = index.bank_  # the index's array: one copy of the bank, not two
         self.coreset_indices_ = coreset
         self.nn_index_ = index
-        self.bank_neighbors_ = bank_neighbors
+        self.threshold_image_indices_ = held_out
         self.train_score_samples_ = -loo_scores
         if self.contamination == "auto":
             self.offset_ = float(self.train_score_samples_.min())
@@ -367,17 +373,33 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         if self.verbose:
             print(f"[PatchCoreDetector] {message} in {time.perf_counter() - start:.1f} s")
 
-    def _extract(self, net, images, size, box, device) -> np.ndarray:
-        """All patch features ``(n, h, w, D)`` as one float32 array."""
-        out = None
+    def _patch_batches(self, net, images, size, box, device):
+        """``(batch_slice, patches (b, h, w, D))`` of ``images``, batch by batch."""
+        return iter_patch_embeddings(
+            net, images, size=size, box=box, embedding_dim=self.embedding_dim,
+            batch_size=self.batch_size, device=device,
+        )
+
+    def _extract_for_fit(self, net, images, size, box, device, coreset_seed, folder):
+        """Stream the training images' patch features into a compact store.
+
+        Each batch is kept in float16 (memory-mapped in ``folder`` when large)
+        and projected for the coreset as it comes, so that no float32 copy of
+        all the features ever exists.
+
+        Returns
+        -------
+        features : ndarray or memmap of shape (n, h, w, D), float16
+        projected : ProjectedRows
+            Filled with every patch, ready to select the coreset.
+        """
+        features = projected = None
         try:
-            for batch, patches in iter_patch_embeddings(
-                net, images, size=size, box=box, embedding_dim=self.embedding_dim,
-                batch_size=self.batch_size, device=device,
-            ):
-                if out is None:  # allocate once: no list of chunks plus a concatenated copy
-                    out = np.empty((len(images), *patches.shape[1:]), dtype=np.float32)
-                out[batch] = patches.cpu().numpy()
+            for batch, patches in self._patch_batches(net, images, size, box, device):
+                if features is None:
+                    features, projected = self._allocate_for_fit(len(images), patches, coreset_seed, folder)
+                features[batch] = patches.to(torch.float16).cpu().numpy()
+                projected.add(patches.reshape(-1, patches.shape[-1]))
         except RuntimeError as exc:
             if "size" not in str(exc).lower():
                 raise
@@ -385,34 +407,81 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 f"Images of {box[2]}x{box[3]} pixels are too small for the backbone "
                 f"({exc}). Use a larger image_size."
             ) from exc
-        if min(out.shape[1:3]) < 3:
+        return features, projected
+
+    def _allocate_for_fit(self, n_images, first_batch, coreset_seed, folder):
+        """The float16 feature store and the coreset's projected copy, sized on the first batch."""
+        _, h, w, dim = first_batch.shape
+        if min(h, w) < 3:
             # The 3x3 neighbourhood aggregation needs a grid to aggregate over.
             raise ValueError(
-                f"Images of {box[2]}x{box[3]} pixels are too small for the backbone: they "
-                f"give a {out.shape[1]}x{out.shape[2]} patch grid, at least 3x3 is needed. "
-                "Use a larger image_size."
+                f"Images of {first_batch.shape[1:3]} patches are too small: at least a 3x3 "
+                "patch grid is needed. Use a larger image_size."
             )
-        return out
+        n_patches = n_images * h * w
+        n_bank = coreset_size(self.coreset_ratio, n_patches)
+        if n_bank < self.n_neighbors:
+            raise ValueError(
+                f"The coreset would keep {n_bank} of {n_patches} patches, fewer than "
+                f"n_neighbors={self.n_neighbors} needed by the score reweighting. Use more "
+                "images, a larger image_size or coreset_ratio, or a smaller n_neighbors."
+            )
+        projection_dim = dim if self.projection_dim is None else min(self.projection_dim, dim)
+        store_bytes = 2 * n_patches * dim
+        in_memory = store_bytes <= _IN_MEMORY_FEATURE_BYTES
+        check_memory(
+            {
+                "the coreset's projected features": 4 * n_patches * projection_dim,
+                "the memory bank": 4 * n_bank * dim,
+                "float16 patch features": store_bytes if in_memory else 0,
+            },
+            "Lower coreset_ratio, projection_dim or image_size, or fit on fewer images.",
+        )
+        shape = (n_images, h, w, dim)
+        if in_memory:
+            features = np.empty(shape, dtype=np.float16)
+        else:
+            path = os.path.join(folder, "features.npy")
+            features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        projected = ProjectedRows(
+            n_patches, dim, projection_dim=self.projection_dim, dtype="float32",
+            random_state=coreset_seed, device=first_batch.device,
+        )
+        return features, projected
 
-    def _leave_one_out(self, patches, bank, bank_groups, size, box):
-        """Image scores and map maxima of each training image against the others' bank entries."""
+    def _threshold_images(self, n_images: int, seed: int) -> np.ndarray:
+        """Training images scored for the thresholds: all, or a seeded subset."""
+        if self.max_threshold_images is None or self.max_threshold_images >= n_images:
+            return np.arange(n_images)
+        rng = np.random.RandomState(seed)
+        return np.sort(rng.choice(n_images, self.max_threshold_images, replace=False))
+
+    def _leave_one_out(self, patches, held_out, bank, bank_groups, size, box):
+        """Image scores and map maxima of held-out training images against the others' bank entries.
+
+        Parameters
+        ----------
+        patches : ndarray of shape (m, h, w, D), float32
+            Patch features of the training images ``held_out``.
+        held_out : ndarray of shape (m,)
+            Their positions among the training images, the groups of ``bank_groups``.
+        """
         n_images, h, w, dim = patches.shape
-        if np.bincount(bank_groups, minlength=n_images).max() == len(bank):
+        if np.bincount(bank_groups).max() == len(bank):
             raise ValueError(
                 "Every coreset entry comes from one training image, so it cannot be "
                 "scored against the others; increase coreset_ratio."
             )
-        image_ids = np.repeat(np.arange(n_images), h * w)
-        flat = patches.reshape(-1, dim)
         dist, idx = exact_kneighbors(
-            flat, bank, 1, query_groups=image_ids, bank_groups=bank_groups, device=self.device
+            patches.reshape(-1, dim), bank, 1, query_groups=np.repeat(held_out, h * w),
+            bank_groups=bank_groups, device=self.device,
         )
         dist, idx = dist[:, 0].reshape(n_images, -1), idx[:, 0].reshape(n_images, -1)
         _, patch, nearest = max_patches(dist, idx)
         # Each image may only use the entries of the others.
         k = min(self.n_neighbors, len(bank) - np.bincount(bank_groups).max())
         _, support = exact_kneighbors(
-            bank[nearest], bank, k, query_groups=np.arange(n_images), bank_groups=bank_groups,
+            bank[nearest], bank, k, query_groups=held_out, bank_groups=bank_groups,
             device=self.device,
         )
         scores = reweighted_scores(patches.reshape(n_images, -1, dim)[np.arange(n_images), patch], bank, support)
@@ -446,13 +515,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         box = crop_box(size, self.crop_size)
         scores = np.empty(len(images), dtype=np.float32)
         maps = np.empty((len(images), *images.shape[1:3]), dtype=np.float32) if with_maps else None
-        for batch, patches in iter_patch_embeddings(
-            net, images, size=size, box=box, embedding_dim=self.embedding_dim,
-            batch_size=self.batch_size, device=device,
-        ):
+        for batch, patches in self._patch_batches(net, images, size, box, device):
             n, h, w, dim = patches.shape
             flat = patches.reshape(n, h * w, dim).cpu().numpy()
-            scores[batch], dist = image_scores(self.nn_index_, flat, self.bank_neighbors_)
+            scores[batch], dist = image_scores(self.nn_index_, flat, self.n_neighbors)
             if with_maps:
                 maps[batch] = anomaly_maps(
                     torch.from_numpy(dist.reshape(n, h, w)), model_size=size, box=box,

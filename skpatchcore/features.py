@@ -467,10 +467,12 @@ def iter_patch_embeddings(
     ``images`` come from :func:`~skpatchcore.images.check_images`; batches
     bound the memory of the backbone's activations.
     """
-    with torch.inference_mode():
-        for batch in gen_batches(len(images), batch_size):
-            inputs = to_model_input(images[batch], size, box, device)
-            yield batch, patch_embeddings(net(inputs), embedding_dim)
+    for batch in gen_batches(len(images), batch_size):
+        # Entered per batch: around the yield, inference mode would leak into the
+        # caller's code between batches.
+        with torch.inference_mode():
+            patches = patch_embeddings(net(to_model_input(images[batch], size, box, device)), embedding_dim)
+        yield batch, patches
 
 
 def extract_patch_features(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import gaussian_blur
 
 __all__ = ["anomaly_maps"]
 
@@ -43,6 +42,10 @@ def anomaly_maps(
         patch_scores[:, None].float(), size=(height, width), mode="bilinear", align_corners=False
     )
     if sigma > 0 and min(height, width) > 1:
+        # Imported here: torchvision costs seconds and ~150 MB to import, which
+        # ``import skpatchcore`` should not pay before a map is asked for.
+        from torchvision.transforms.v2.functional import gaussian_blur
+
         # Kernel covering +-4 sigma, as scipy.ndimage.gaussian_filter's default,
         # truncated on small maps where reflect padding needs radius < size.
         radius = min(int(4.0 * sigma + 0.5), height - 1, width - 1)

@@ -7,6 +7,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from joblib import effective_n_jobs
+from sklearn import get_config
 from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils import check_array, check_random_state, gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
@@ -15,31 +16,68 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._device import check_device
 
-__all__ = ["NearestNeighborIndex", "exact_kneighbors"]
+__all__ = ["NearestNeighborIndex", "exact_kneighbors", "pynndescent_pays_off"]
 
-# Bank size from which ``algorithm="auto"`` builds a pynndescent index.
-# Measured on a 2-core AMD EPYC (AVX2, MKL torch, machine shared with other jobs;
-# best of 27 runs, exact at torch's better of 1 or 2 threads), one image's 1024
-# query patches, k=1, banks drawn from real EfficientNet-Lite0 features of MVTec
-# "bottle", pynndescent with search_tree_leaf_size=30 and epsilon=0.1 (recall@1
-# 0.97-0.99 there; the defaults below search as accurately about 25 % faster,
-# which can only move the break-even lower):
+# Cost model of ``algorithm="auto"``, from figures measured on a 2-core AMD EPYC
+# (AVX2, MKL torch), one image's 1024 query patches, banks of real EfficientNet-Lite0
+# features of MVTec "bottle":
 #   bank rows          250    500   1000   2000   5000  10000
 #   d=152 exact ms     2.7    4.8    7.1   12.7   29.8   80.4
 #   d=152 pynnd. ms    7.5    7.0    6.7    7.2    7.5    9.6
 #   d=432 exact ms     5.5    9.8   19.2   39.0   82.6     -
-#   d=432 pynnd. ms    8.4    9.4   11.1   13.8   24.5     -
-# pynndescent breaks even near 1000 rows (d=152) / 500 (d=432) and is 3-4x faster
-# from 5000 on (8x at 10000, 20-60x at 20000-100000). Below 5000 its gain of a few ms
-# per image does not pay for what it costs: recall below 1, and about a minute of
-# numba compilation in every process that fits one (see NearestNeighborIndex Notes).
-AUTO_PYNNDESCENT_MIN_SAMPLES = 5_000
+# Exact search costs about 5e-11 s per query, bank row and dimension on 2 torch
+# threads (float32 GEMM at ~40 GFLOP/s plus the selection); a pynndescent query
+# about 7e-6 s whatever the bank (21,400 x 152 and x 384 banks, single thread).
+# Building a pynndescent index costs about a minute of numba compilation in every
+# process (50-90 s here; its construction code is not cached on disk), then
+# about 1e-6 s per bank row and dimension (2-5 s for 21,400 x 152).
+_EXACT_S_PER_ROW_DIM_THREAD = 1e-10
+_PYNNDESCENT_QUERY_S = 7e-6
+_PYNNDESCENT_COMPILE_S = 60.0
+_PYNNDESCENT_BUILD_S_PER_ROW_DIM = 1e-6
+
+
+def pynndescent_pays_off(
+    n_samples: int, n_features: int, n_queries: int, *, n_threads: int, device
+) -> bool:
+    """Whether a pynndescent index saves more search time than it costs to build.
+
+    The cost model of ``algorithm="auto"``: building the graph costs a fixed
+    numba compilation plus time linear in the bank; each query then saves the
+    difference between an exact search (linear in the bank, spread over
+    ``n_threads``) and a graph search (about constant). On a GPU exact search
+    is always used.
+
+    Parameters
+    ----------
+    n_samples, n_features : int
+        Shape of the bank.
+    n_queries : int
+        Queries expected over the index's life.
+    n_threads : int
+        Threads of the exact search (torch's).
+    device : torch.device
+        Device of the exact search.
+
+    Returns
+    -------
+    bool
+    """
+    if torch.device(device).type != "cpu":
+        return False
+    exact_s = _EXACT_S_PER_ROW_DIM_THREAD * n_samples * n_features / max(1, n_threads)
+    build_s = _PYNNDESCENT_COMPILE_S + _PYNNDESCENT_BUILD_S_PER_ROW_DIM * n_samples * n_features
+    return n_queries * (exact_s - _PYNNDESCENT_QUERY_S) > build_s
 
 
 # Below this many queries a chunk's product is computed as bank @ X.T: CPU GEMM
 # kernels handle a tall, narrow output far better than a short, wide one
 # (4 queries against a 21402 x 384 bank: 3.1 ms instead of 7.3 ms, one thread).
 _FEW_QUERIES = 32
+
+# Smallest budget in MiB of one chunk of exact distances when none is set: 512
+# queries against a 16,384-row bank, enough rows for the products to run at speed.
+_MIN_CHUNK_MIB = 32
 
 # Principal axes of the bank kept for the lower bounds of nearest_within. On the
 # top-4 patches of each MVTec bottle test image against 21402-row coreset banks,
@@ -125,8 +163,9 @@ def exact_kneighbors(
         Integer group of each bank row. A query never matches a bank row of
         its own group (leave-one-image-out scores of training images).
     working_memory : float, default=None
-        Memory budget in MiB for one chunk of distances; None uses
-        ``sklearn.get_config()["working_memory"]`` (1024 MiB by default).
+        Memory budget in MiB for one chunk of distances; None takes as much
+        as the bank's own size (at least 32 MiB), within
+        ``sklearn.get_config()["working_memory"]``.
     device : str or torch.device, default="cpu"
         Torch device of the computation, e.g. ``"cuda"``.
 
@@ -201,6 +240,11 @@ def exact_kneighbors(
 def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, working_memory):
     """:func:`exact_kneighbors` on validated tensors of one device."""
     n_queries, n_bank = X.shape[0], bank.shape[0]
+    if working_memory is None:
+        # Work buffers scale with the data: a chunk's distances take no more room
+        # than the bank itself (but enough rows for efficient matrix products).
+        bank_mib = n_bank * bank.shape[1] * bank.element_size() / 2**20
+        working_memory = min(get_config()["working_memory"], max(_MIN_CHUNK_MIB, bank_mib))
     # One float32 distance per bank row, plus as much again for the group mask
     # and the selection's workspace.
     chunk_n_rows = get_chunk_n_rows(
@@ -219,7 +263,10 @@ def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, work
             if query_groups is not None:
                 same = query_groups[rows, None] == bank_groups[None, :]
                 block.masked_fill_(same, torch.inf)
-            values, indices[rows] = torch.topk(block, n_neighbors, dim=1, largest=False)
+            if n_neighbors == 1:  # a plain reduction, cheaper than a selection
+                values, indices[rows] = block.min(dim=1, keepdim=True)
+            else:
+                values, indices[rows] = torch.topk(block, n_neighbors, dim=1, largest=False)
             distances[rows] = values + _squared_norms(X[rows])[:, None]
         distances = distances.clamp_(min=0.0).sqrt_()
     return distances.cpu().numpy(), indices.cpu().numpy()
@@ -271,9 +318,12 @@ class NearestNeighborIndex(BaseEstimator):
     Parameters
     ----------
     algorithm : {"auto", "exact", "pynndescent"}, default="auto"
-        Search backend. ``"auto"`` builds a pynndescent index only for banks
-        of at least ``AUTO_PYNNDESCENT_MIN_SAMPLES`` rows, where it answers
-        queries faster than exact search; see Notes.
+        Search backend. ``"auto"`` builds a pynndescent index only where
+        the search time it saves over ``expected_n_queries`` queries pays for
+        building it (:func:`pynndescent_pays_off`); see Notes.
+    expected_n_queries : int or None, default=None
+        Queries the index is expected to answer over its life, for
+        ``algorithm="auto"``; None means as many as the bank has rows.
     n_trees : int, default=None
         Random-projection trees initialising the pynndescent graph; None lets
         pynndescent choose (3 to 12, growing with the bank size).
@@ -294,7 +344,8 @@ class NearestNeighborIndex(BaseEstimator):
         pynndescent search slack: larger searches more of the graph, more
         accurately and more slowly.
     working_memory : float, default=None
-        Memory budget in MiB for a chunk of exact distances; None uses
+        Memory budget in MiB for a chunk of exact distances; None takes as
+        much as the bank's own size (at least 32 MiB), within
         ``sklearn.get_config()["working_memory"]``.
     random_state : int, RandomState instance or None, default=None
         Seeds the pynndescent index construction.
@@ -349,8 +400,8 @@ class NearestNeighborIndex(BaseEstimator):
     defaults (leaf size 30, one leaf, epsilon 0.1) were 20 % faster but at
     recall 0.86 (3.8 % mean over-estimate, 2.6 % of patches over 20 %); leaf
     size 30 with four leaves was as accurate as the defaults above and 30 %
-    slower. It does not pay for small banks (see
-    ``AUTO_PYNNDESCENT_MIN_SAMPLES``), nor where anomaly maps must be exact.
+    slower. It does not pay for small banks or few queries (see
+    :func:`pynndescent_pays_off`), nor where anomaly maps must be exact.
     Raise ``epsilon`` or ``search_tree_leaf_budget`` for more accuracy;
     image scores need none (:func:`skpatchcore.scoring.image_scores`
     re-ranks the maximum exactly).
@@ -389,6 +440,7 @@ class NearestNeighborIndex(BaseEstimator):
 
     _parameter_constraints: dict = {
         "algorithm": [StrOptions({"auto", "exact", "pynndescent"})],
+        "expected_n_queries": [Interval(Integral, 0, None, closed="left"), None],
         "n_trees": [Interval(Integral, 1, None, closed="left"), None],
         "n_graph_neighbors": [Interval(Integral, 2, None, closed="left")],
         "search_tree_leaf_size": [Interval(Integral, 1, None, closed="left")],
@@ -404,6 +456,7 @@ class NearestNeighborIndex(BaseEstimator):
         self,
         algorithm="auto",
         *,
+        expected_n_queries=None,
         n_trees=None,
         n_graph_neighbors=30,
         search_tree_leaf_size=10,
@@ -415,6 +468,7 @@ class NearestNeighborIndex(BaseEstimator):
         device="cpu",
     ):
         self.algorithm = algorithm
+        self.expected_n_queries = expected_n_queries
         self.n_trees = n_trees
         self.n_graph_neighbors = n_graph_neighbors
         self.search_tree_leaf_size = search_tree_leaf_size
@@ -441,7 +495,7 @@ class NearestNeighborIndex(BaseEstimator):
         self : NearestNeighborIndex
             Fitted index.
         """
-        check_device(self.device)
+        device = check_device(self.device)
         if isinstance(bank, torch.Tensor):
             bank = bank.detach().cpu().numpy()
         # A copy, so that later edits of the caller's array cannot desynchronise
@@ -450,8 +504,14 @@ class NearestNeighborIndex(BaseEstimator):
         self.n_samples_fit_ = self.bank_.shape[0]
         self.bank_sq_norms_ = _squared_norms(torch.from_numpy(self.bank_)).numpy()
         if self.algorithm == "auto":
-            large = self.n_samples_fit_ >= AUTO_PYNNDESCENT_MIN_SAMPLES
-            self.algorithm_ = "pynndescent" if large else "exact"
+            n_queries = self.expected_n_queries
+            pays = pynndescent_pays_off(
+                *self.bank_.shape,
+                self.n_samples_fit_ if n_queries is None else n_queries,
+                n_threads=torch.get_num_threads(),
+                device=device,
+            )
+            self.algorithm_ = "pynndescent" if pays else "exact"
         else:
             self.algorithm_ = self.algorithm
         self.index_ = self._build_pynndescent() if self.algorithm_ == "pynndescent" else None

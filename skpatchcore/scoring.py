@@ -102,7 +102,7 @@ def rerank_max_patches(
     return s_star, best_patch, bank_idx
 
 
-def image_scores(index, patches: np.ndarray, bank_neighbors: np.ndarray):
+def image_scores(index, patches: np.ndarray, n_neighbors: int):
     """Patch distances and image scores of images' patch features (Eq. 6-7).
 
     Parameters
@@ -110,9 +110,10 @@ def image_scores(index, patches: np.ndarray, bank_neighbors: np.ndarray):
     index : NearestNeighborIndex
         Fitted index of the memory bank.
     patches : ndarray of shape (n_images, n_patches, D), float32
-    bank_neighbors : ndarray of shape (n_bank, b)
-        The ``b`` nearest bank entries of every bank entry, itself first: the
-        support of ``m*`` in the reweighting.
+    n_neighbors : int
+        Bank neighbours ``b`` of ``m*`` weighed by the reweighting (at most
+        the bank size): ``m*`` itself first, found by one exact search per
+        image, as cheap as a single patch query.
 
     Returns
     -------
@@ -130,9 +131,9 @@ def image_scores(index, patches: np.ndarray, bank_neighbors: np.ndarray):
         _, patch, nearest = max_patches(dist, idx)
     else:
         _, patch, nearest = rerank_max_patches(patches, dist, index.nearest_within)
-    scores = reweighted_scores(
-        patches[np.arange(n_images), patch], index.bank_, bank_neighbors[nearest]
-    )
+    bank = index.bank_
+    support = index.kneighbors(bank[nearest], min(n_neighbors, len(bank)), exact=True)[1]
+    scores = reweighted_scores(patches[np.arange(n_images), patch], bank, support)
     return scores, dist
 
 

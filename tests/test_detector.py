@@ -216,3 +216,80 @@ def test_scoring_searches_on_the_detector_device_not_the_fit_one(fitted, texture
 def test_cuda_without_a_gpu_is_a_clear_error(tiny_params, textures):
     with pytest.raises(ValueError, match="CUDA is not available"):
         PatchCoreDetector(device="cuda", **tiny_params).fit(textures[0][6:])
+
+
+def test_thresholds_come_from_a_seeded_subset_of_training_images(tiny_params, textures):
+    normal = textures[0][6:]
+    det = PatchCoreDetector(**{**tiny_params, "max_threshold_images": 4}).fit(normal)
+    held_out = det.threshold_image_indices_
+    assert len(held_out) == 4 and np.all(np.diff(held_out) > 0) and held_out.max() < 10
+    assert det.train_score_samples_.shape == (4,)
+    again = PatchCoreDetector(**{**tiny_params, "max_threshold_images": 4}).fit(normal)
+    np.testing.assert_array_equal(again.threshold_image_indices_, held_out)
+    # The subset's leave-one-out scores are those of the same images in a full run.
+    full = PatchCoreDetector(**{**tiny_params, "max_threshold_images": None}).fit(normal)
+    np.testing.assert_array_equal(full.threshold_image_indices_, np.arange(10))
+    np.testing.assert_allclose(det.train_score_samples_, full.train_score_samples_[held_out], rtol=1e-6)
+
+
+def test_memory_mapped_features_fit_as_in_memory_and_leave_no_file(
+    tiny_params, textures, monkeypatch, tmp_path
+):
+    from skpatchcore import detector as detector_module
+
+    normal, defective, _ = textures
+    in_memory = PatchCoreDetector(**tiny_params).fit(normal[6:])
+    monkeypatch.setattr(detector_module, "_IN_MEMORY_FEATURE_BYTES", 0)
+    monkeypatch.setattr(detector_module.tempfile, "tempdir", str(tmp_path))
+    opened = []
+    real_open_memmap = np.lib.format.open_memmap
+    monkeypatch.setattr(
+        np.lib.format, "open_memmap", lambda *a, **k: opened.append(a[0]) or real_open_memmap(*a, **k)
+    )
+    mapped = PatchCoreDetector(**tiny_params).fit(normal[6:])
+    assert len(opened) == 1 and opened[0].startswith(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone
+    np.testing.assert_array_equal(mapped.memory_bank_, in_memory.memory_bank_)
+    np.testing.assert_array_equal(mapped.score_samples(defective), in_memory.score_samples(defective))
+    assert mapped.offset_ == in_memory.offset_
+
+
+def test_streamed_coreset_selects_like_the_sampler_on_all_features(tiny_params, textures):
+    from skpatchcore import GreedyCoresetSampler
+    from skpatchcore.features import extract_patch_features
+
+    normal = textures[0][6:]
+    det = PatchCoreDetector(**tiny_params).fit(normal)
+    features = extract_patch_features(tiny_params["feature_extractor"], normal, image_size=32)
+    coreset_seed = np.random.RandomState(0).randint(np.iinfo(np.int32).max, size=3)[0]
+    sampler = GreedyCoresetSampler(random_state=int(coreset_seed)).fit(features.reshape(-1, 48))
+    np.testing.assert_array_equal(det.coreset_indices_, sampler.indices_)
+
+
+def test_fit_refuses_what_memory_cannot_hold_and_names_the_parameters(
+    tiny_params, textures, monkeypatch
+):
+    from skpatchcore import _memory
+
+    monkeypatch.setattr(_memory, "available_memory", lambda: 1000)
+    with pytest.raises(MemoryError, match="coreset_ratio, projection_dim or image_size"):
+        PatchCoreDetector(**tiny_params).fit(textures[0][6:])
+
+
+def test_interrupted_fit_keeps_the_earlier_fit_and_no_temporary_file(
+    fitted, textures, monkeypatch, tmp_path
+):
+    from skpatchcore import detector as detector_module
+    from skpatchcore.coreset import ProjectedRows
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(detector_module, "_IN_MEMORY_FEATURE_BYTES", 0)
+    monkeypatch.setattr(detector_module.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(ProjectedRows, "select", interrupt)
+    bank, offset = fitted.memory_bank_, fitted.offset_
+    with pytest.raises(KeyboardInterrupt):
+        fitted.fit(textures[0][:8])
+    assert fitted.memory_bank_ is bank and fitted.offset_ == offset
+    assert list(tmp_path.iterdir()) == []

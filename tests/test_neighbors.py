@@ -215,19 +215,47 @@ def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
     bank, queries = clusters
     images = queries[:480].reshape(5, 96, -1)  # 5 "images" of 96 patches
     exact = NearestNeighborIndex("exact").fit(bank)
-    support = exact.kneighbors(bank, 9)[1]
-    want, want_dist = image_scores(exact, images, support)
-    got, got_dist = image_scores(approximate_index, images, support)
+    want, want_dist = image_scores(exact, images, 9)
+    got, got_dist = image_scores(approximate_index, images, 9)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # Patch distances only over-estimate (up to the exact search's float32 rounding).
     assert np.all(got_dist >= want_dist * (1 - 1e-3))
 
 
-def test_pynndescent_auto_picks_the_graph_for_a_large_bank(clusters, monkeypatch):
+def test_pynndescent_auto_picks_the_graph_when_many_queries_are_expected(clusters, monkeypatch):
     bank, _ = clusters
-    monkeypatch.setattr(neighbors, "AUTO_PYNNDESCENT_MIN_SAMPLES", len(bank))
-    index = NearestNeighborIndex(random_state=0).fit(bank)
+    monkeypatch.setattr(neighbors, "_PYNNDESCENT_COMPILE_S", 0.0)
+    monkeypatch.setattr(neighbors, "_PYNNDESCENT_QUERY_S", 0.0)
+    index = NearestNeighborIndex(expected_n_queries=10**9, random_state=0).fit(bank)
     assert index.algorithm_ == "pynndescent" and index.index_ is not None
+
+
+@pytest.mark.parametrize(
+    "n_samples, n_features, n_queries, want",
+    [
+        (10_240, 152, 102_400, False),  # 100 Lite0 training images: no minute of JIT
+        (102_400, 152, 1_024_000, True),  # 1,000 of them: the graph pays for itself
+        (102_400, 152, 1_024, False),  # ... unless hardly anything is queried
+        (2_000, 1536, 10**9, True),  # any bank, queried long enough
+        (500, 16, 10**9, False),  # exact search faster than a graph query
+    ],
+)
+def test_auto_cost_model_weighs_build_time_against_queries(n_samples, n_features, n_queries, want):
+    assert neighbors.pynndescent_pays_off(
+        n_samples, n_features, n_queries, n_threads=2, device=torch.device("cpu")
+    ) is want
+
+
+def test_auto_cost_model_keeps_exact_search_on_a_gpu():
+    assert not neighbors.pynndescent_pays_off(
+        10**6, 1536, 10**9, n_threads=2, device=torch.device("cuda")
+    )
+
+
+def test_more_threads_make_exact_search_win_longer():
+    args = (50_000, 152, 200_000)
+    assert neighbors.pynndescent_pays_off(*args, n_threads=1, device=torch.device("cpu"))
+    assert not neighbors.pynndescent_pays_off(*args, n_threads=16, device=torch.device("cpu"))
 
 
 def test_pynndescent_pickle_round_trip_reuses_the_index(approximate_index, clusters, monkeypatch):
