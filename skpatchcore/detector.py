@@ -95,7 +95,12 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         (Eq. 7); 1 disables the reweighting.
     algorithm : {"auto", "exact", "pynndescent"}, default="auto"
         Nearest-neighbour backend (see :class:`NearestNeighborIndex`). Image
-        scores are exact whichever is used.
+        scores are exact whichever is used. ``"auto"`` builds a pynndescent
+        graph (about a minute of numba compilation per process) only where it
+        pays for itself over as many queries as the training images have
+        patches (:func:`~skpatchcore.neighbors.pynndescent_pays_off`): large
+        banks on the CPU. Say ``"pynndescent"`` for a detector that will score
+        far more images than it was fitted on.
     contamination : "auto" or float in (0, 0.5], default="auto"
         Sets ``offset_`` from leave-one-image-out scores of training images
         (each scored against bank entries from the *other* images, since a
