@@ -9,6 +9,7 @@ from .features import (
     TorchvisionExtractor,
 )
 from .neighbors import NearestNeighborIndex
+from .reader import ImageReader
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "TorchvisionExtractor",
     "ModuleExtractor",
     "EfficientNetLite0Extractor",
+    "ImageReader",
 ]
