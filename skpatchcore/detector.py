@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import check_device, module_on
 from .coreset import GreedyCoresetSampler, coreset_size
-from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
+from .feature_cache import cached_patch_embeddings
+from .features import FeatureExtractor, TorchvisionExtractor
 from .images import check_images, crop_box, resized_shape
 from .maps import anomaly_maps
 from .neighbors import NearestNeighborIndex, exact_kneighbors
@@ -115,6 +116,18 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds the coreset's projection and start and the approximate index;
         an int makes fits and scores bit-reproducible on CPU.
+    memory : None, str or joblib.Memory, default=None
+        Cache the patch features on disk (a folder path or a
+        ``joblib.Memory``), keyed on the image bytes, the extractor's
+        parameters, the input size and crop, ``embedding_dim`` and the
+        device type. A ``GridSearchCV`` over parameters that do not touch
+        the network (``coreset_ratio``, ``n_neighbors``, ``algorithm``,
+        ``contamination``, ``sigma``) then runs the network once per distinct
+        training fold and once per test fold instead of once per candidate,
+        with identical results. Scoring is keyed on the ``feature_extractor``
+        parameter too, so leave it as fitted. The cache holds float32 features of every
+        image it sees (``n * h * w * D * 4`` bytes per call); clear it with
+        ``memory.clear()``. None caches nothing.
     verbose : int, default=0
         Print progress of the fitting stages.
 
@@ -207,6 +220,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         "device": [str, torch.device],
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
+        "memory": [None, str, HasMethods(["cache"])],
         "verbose": ["verbose"],
     }
 
@@ -229,6 +243,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         device="cpu",
         n_jobs=None,
         random_state=None,
+        memory=None,
         verbose=0,
     ):
         self.feature_extractor = feature_extractor
@@ -247,6 +262,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.device = device
         self.n_jobs = n_jobs
         self.random_state = random_state
+        self.memory = memory
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
@@ -371,9 +387,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         """All patch features ``(n, h, w, D)`` as one float32 array."""
         out = None
         try:
-            for batch, patches in iter_patch_embeddings(
-                net, images, size=size, box=box, embedding_dim=self.embedding_dim,
-                batch_size=self.batch_size, device=device,
+            for batch, patches in cached_patch_embeddings(
+                self.memory, self.feature_extractor, net, images, size=size, box=box,
+                embedding_dim=self.embedding_dim, batch_size=self.batch_size, device=device,
             ):
                 if out is None:  # allocate once: no list of chunks plus a concatenated copy
                     out = np.empty((len(images), *patches.shape[1:]), dtype=np.float32)
@@ -446,9 +462,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         box = crop_box(size, self.crop_size)
         scores = np.empty(len(images), dtype=np.float32)
         maps = np.empty((len(images), *images.shape[1:3]), dtype=np.float32) if with_maps else None
-        for batch, patches in iter_patch_embeddings(
-            net, images, size=size, box=box, embedding_dim=self.embedding_dim,
-            batch_size=self.batch_size, device=device,
+        for batch, patches in cached_patch_embeddings(
+            self.memory, self.feature_extractor, net, images, size=size, box=box,
+            embedding_dim=self.embedding_dim, batch_size=self.batch_size, device=device,
         ):
             n, h, w, dim = patches.shape
             flat = patches.reshape(n, h * w, dim).cpu().numpy()
