@@ -10,6 +10,7 @@ from .features import (
 )
 from .neighbors import NearestNeighborIndex
 from .reader import ImageReader
+from .thresholds import TunedThresholdDetectorCV
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "ModuleExtractor",
     "EfficientNetLite0Extractor",
     "ImageReader",
+    "TunedThresholdDetectorCV",
 ]
