@@ -24,13 +24,23 @@ from .metrics import image_f1_max
 __all__ = ["TunedThresholdDetectorCV"]
 
 
+def transformed(estimator, X):
+    """``X`` through a pipeline's first steps, and its last step; others as they are.
+
+    ``Pipeline`` forwards ``score_samples`` but not ``anomaly_maps``: this
+    reaches the detector at its end.
+    """
+    if isinstance(estimator, Pipeline):
+        return estimator[:-1].transform(X), estimator[-1]
+    return X, estimator
+
+
 def _maps_and_scores(estimator, X, with_maps: bool):
     """``score_samples`` and, if asked, ``anomaly_maps`` of a detector or a pipeline ending in one."""
     if not with_maps:
         return estimator.score_samples(X), None
-    if isinstance(estimator, Pipeline):
-        X, estimator = estimator[:-1].transform(X), estimator[-1]
-    maps, scores = estimator.anomaly_maps(X, return_score_samples=True)
+    X, detector = transformed(estimator, X)
+    maps, scores = detector.anomaly_maps(X, return_score_samples=True)
     return scores, maps
 
 
@@ -192,7 +202,8 @@ class TunedThresholdDetectorCV(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         )
         self.offset_ = -threshold
         if masks is None:
-            self.pixel_threshold_ = float(_final_step(estimator).pixel_threshold_)
+            detector = estimator[-1] if isinstance(estimator, Pipeline) else estimator
+            self.pixel_threshold_ = float(detector.pixel_threshold_)
         else:
             if maps.shape != masks.shape:
                 raise ValueError(
@@ -288,7 +299,3 @@ class TunedThresholdDetectorCV(MetaEstimatorMixin, OutlierMixin, BaseEstimator):
         tags.input_tags = inner.input_tags
         tags.non_deterministic = inner.non_deterministic
         return tags
-
-
-def _final_step(estimator):
-    return estimator[-1] if isinstance(estimator, Pipeline) else estimator
