@@ -34,6 +34,7 @@ from .detector import PatchCoreDetector
 from .display import AnomalyMapDisplay
 from .features import EfficientNetLite0Extractor, TorchvisionExtractor
 from .metrics import aupro, image_auroc, image_f1_max, pixel_auroc
+from .progress import log
 
 __all__ = ["main", "format_results"]
 
@@ -204,8 +205,8 @@ def _peak_memory_mib() -> float:
 
 
 def _log(args, message: str) -> None:
-    if args.verbose:
-        print(message, file=sys.stderr, flush=True)
+    # Through logging, on stderr: the tables on stdout stay clean.
+    log(message, args.verbose)
 
 
 def _evaluate(args, backbone: str, data) -> tuple[dict, np.ndarray, float]:

@@ -19,6 +19,7 @@ from .features import FeatureExtractor, TorchvisionExtractor
 from .images import check_images, crop_box, resized_shape
 from .maps import anomaly_maps
 from .neighbors import NearestNeighborIndex, exact_kneighbors
+from .progress import log
 from .scoring import image_scores, max_patches, reweighted_scores
 
 __all__ = ["PatchCoreDetector"]
@@ -129,7 +130,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         image it sees (``n * h * w * D * 4`` bytes per call); clear it with
         ``memory.clear()``. None caches nothing.
     verbose : int, default=0
-        Print progress of the fitting stages.
+        Log the fitting stages and their times (``logging``, logger
+        ``"skpatchcore"``, shown on stderr when logging is not configured)
+        and show progress bars of the images through the network.
 
     Attributes
     ----------
@@ -380,8 +383,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         return normal
 
     def _log(self, message: str, start: float) -> None:
-        if self.verbose:
-            print(f"[PatchCoreDetector] {message} in {time.perf_counter() - start:.1f} s")
+        log(f"PatchCoreDetector: {message} in {time.perf_counter() - start:.1f} s", self.verbose)
 
     def _extract(self, net, images, size, box, device) -> np.ndarray:
         """All patch features ``(n, h, w, D)`` as one float32 array."""
@@ -390,6 +392,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             for batch, patches in cached_patch_embeddings(
                 self.memory, self.feature_extractor, net, images, size=size, box=box,
                 embedding_dim=self.embedding_dim, batch_size=self.batch_size, device=device,
+                verbose=self.verbose,
             ):
                 if out is None:  # allocate once: no list of chunks plus a concatenated copy
                     out = np.empty((len(images), *patches.shape[1:]), dtype=np.float32)
@@ -465,6 +468,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         for batch, patches in cached_patch_embeddings(
             self.memory, self.feature_extractor, net, images, size=size, box=box,
             embedding_dim=self.embedding_dim, batch_size=self.batch_size, device=device,
+            verbose=self.verbose,
         ):
             n, h, w, dim = patches.shape
             flat = patches.reshape(n, h * w, dim).cpu().numpy()

@@ -27,6 +27,7 @@ from sklearn.utils.validation import check_memory
 from torch import nn
 
 from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
+from .progress import log, progress_bar
 
 __all__ = ["cached_patch_embeddings", "extractor_token"]
 
@@ -74,17 +75,18 @@ def extractor_token(extractor: str | FeatureExtractor) -> str:
 
 
 def _all_patch_embeddings(
-    net, images, *, size, box, embedding_dim, batch_size, device, extractor, device_type
+    net, images, *, size, box, embedding_dim, batch_size, device, verbose, extractor, device_type
 ) -> np.ndarray:
     """All patch features ``(n, h, w, D)`` in one float32 array.
 
     ``extractor`` (a token) and ``device_type`` are only part of the cache key.
     """
     out = None
-    for batch, patches in iter_patch_embeddings(
+    batches = iter_patch_embeddings(
         net, images, size=size, box=box, embedding_dim=embedding_dim,
         batch_size=batch_size, device=device,
-    ):
+    )
+    for batch, patches in _with_progress(batches, len(images), verbose):
         if out is None:
             out = np.empty((len(images), *patches.shape[1:]), dtype=np.float32)
         out[batch] = patches.cpu().numpy()
@@ -102,6 +104,7 @@ def cached_patch_embeddings(
     embedding_dim: int | None,
     batch_size: int,
     device="cpu",
+    verbose=0,
 ):
     """:func:`~skpatchcore.features.iter_patch_embeddings`, cached in ``memory``.
 
@@ -120,6 +123,8 @@ def cached_patch_embeddings(
     size, box, embedding_dim, batch_size, device
         As for ``iter_patch_embeddings``; ``batch_size`` is not part of the
         key, the device's type is.
+    verbose : int, default=0
+        Show a progress bar of the images through the network.
 
     Yields
     ------
@@ -130,16 +135,28 @@ def cached_patch_embeddings(
     """
     memory = check_memory(memory)
     if memory.location is None:
-        yield from iter_patch_embeddings(
-            net, images, size=size, box=box, embedding_dim=embedding_dim,
-            batch_size=batch_size, device=device,
+        yield from _with_progress(
+            iter_patch_embeddings(
+                net, images, size=size, box=box, embedding_dim=embedding_dim,
+                batch_size=batch_size, device=device,
+            ),
+            len(images), verbose,
         )
         return
-    compute = memory.cache(_all_patch_embeddings, ignore=["net", "batch_size", "device"])
-    patches = compute(
-        net, images, size=tuple(size), box=tuple(box), embedding_dim=embedding_dim,
-        batch_size=batch_size, device=device, extractor=extractor_token(extractor),
-        device_type=torch.device(device).type,
+    compute = memory.cache(_all_patch_embeddings, ignore=["net", "batch_size", "device", "verbose"])
+    key = dict(
+        size=tuple(size), box=tuple(box), embedding_dim=embedding_dim,
+        extractor=extractor_token(extractor), device_type=torch.device(device).type,
     )
+    if verbose and compute.check_call_in_cache(net, images, batch_size=batch_size, device=device, verbose=0, **key):
+        log(f"patch features of {len(images)} images read from {memory.location}", verbose)
+    patches = compute(net, images, batch_size=batch_size, device=device, verbose=verbose, **key)
     for batch in gen_batches(len(images), batch_size):
         yield batch, torch.from_numpy(patches[batch])
+
+
+def _with_progress(batches, total: int, verbose):
+    with progress_bar(total, "patch features", verbose) as bar:
+        for batch, patches in batches:
+            yield batch, patches
+            bar.update(batch.stop - batch.start)
