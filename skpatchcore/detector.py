@@ -126,9 +126,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         ``contamination``, ``sigma``) then runs the network once per distinct
         training fold and once per test fold instead of once per candidate,
         with identical results. Scoring is keyed on the ``feature_extractor``
-        parameter too, so leave it as fitted. The cache holds float32 features of every
-        image it sees (``n * h * w * D * 4`` bytes per call); clear it with
-        ``memory.clear()``. None caches nothing.
+        parameter too, so leave it as fitted. The cache holds float32
+        features of every image it sees (``n * h * w * D * 4`` bytes per
+        call); clear it with ``memory.clear()``. None caches nothing.
     verbose : int, default=0
         Log the fitting stages and their times (``logging``, logger
         ``"skpatchcore"``, shown on stderr when logging is not configured)
