@@ -51,7 +51,7 @@ ax[1].set_title("2. coreset of the training patches")
 ax[2].imshow(X_test[0])
 ax[2].imshow(detector.anomaly_maps(X_test[:1])[0], cmap="jet", alpha=0.5)
 ax[2].contour(masks[0], levels=[0.5], colors="lime")
-ax[2].set_title("3. distance to the bank = anomaly map")
+ax[2].set_title("3. distance to the bank: the anomaly map")
 for a in ax[[0, 2]]:
     a.set_axis_off()
 plt.show()
