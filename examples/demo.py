@@ -1,4 +1,4 @@
-"""Fit PatchCore on generated textures, report image AUROC and draw a heatmap.
+"""Fit PatchCore on generated textures, report image AUROC and draw anomaly maps.
 
 Run from the repository root after installing (see README.md)::
 
@@ -11,11 +11,11 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")  # headless machines
-import matplotlib.pyplot as plt
 import numpy as np
 
 from skpatchcore import EfficientNetLite0Extractor, PatchCoreDetector
 from skpatchcore.datasets import make_anomaly_images
+from skpatchcore.display import AnomalyMapDisplay
 from skpatchcore.metrics import image_auroc, pixel_auroc
 
 
@@ -45,19 +45,8 @@ def main() -> None:
     print(f"flagged {np.sum(predicted == -1)} of {len(X_test)} images ({int(y_test.sum())} defective)")
 
     shown = np.flatnonzero(y_test == 1)[:4]
-    fig, axes = plt.subplots(3, len(shown), figsize=(3 * len(shown), 9), squeeze=False)
-    for col, i in enumerate(shown):
-        axes[0, col].imshow(X_test[i])
-        axes[0, col].set_title(f"score {-normality[i]:.2f}")
-        axes[1, col].imshow(masks[i], cmap="gray")
-        axes[1, col].set_title("true defect")
-        axes[2, col].imshow(X_test[i])
-        axes[2, col].imshow(maps[i], cmap="jet", alpha=0.5)
-        axes[2, col].set_title("anomaly map")
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(args.output, dpi=80)
+    display = AnomalyMapDisplay.from_estimator(detector, X_test[shown], masks=masks[shown])
+    display.figure_.savefig(args.output, dpi=80)
     print(f"heatmap written to {args.output}")
 
 

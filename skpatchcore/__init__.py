@@ -9,6 +9,8 @@ from .features import (
     TorchvisionExtractor,
 )
 from .neighbors import NearestNeighborIndex
+from .reader import ImageReader
+from .thresholds import TunedThresholdDetectorCV
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,6 @@ __all__ = [
     "TorchvisionExtractor",
     "ModuleExtractor",
     "EfficientNetLite0Extractor",
+    "ImageReader",
+    "TunedThresholdDetectorCV",
 ]

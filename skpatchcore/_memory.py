@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["available_memory", "check_memory"]
+__all__ = ["available_memory", "check_fits_in_memory"]
 
 
 def available_memory() -> int | None:
@@ -26,7 +26,7 @@ def available_memory() -> int | None:
         return None
 
 
-def check_memory(needs: dict[str, int], advice: str) -> None:
+def check_fits_in_memory(needs: dict[str, int], advice: str) -> None:
     """Raise a MemoryError naming what to change if ``needs`` exceed the available memory.
 
     Parameters

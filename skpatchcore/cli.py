@@ -28,13 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage
 
 from .datasets import load_mvtec
 from .detector import PatchCoreDetector
+from .display import AnomalyMapDisplay
 from .features import EfficientNetLite0Extractor, TorchvisionExtractor
 from .metrics import aupro, image_auroc, image_f1_max, pixel_auroc
+from .progress import log
 
 __all__ = ["main", "format_results"]
 
@@ -205,12 +205,12 @@ def _peak_memory_mib() -> float:
 
 
 def _log(args, message: str) -> None:
-    if args.verbose:
-        print(message, file=sys.stderr, flush=True)
+    # Through logging, on stderr: the tables on stdout stay clean.
+    log(message, args.verbose)
 
 
-def _evaluate(args, backbone: str, data) -> tuple[dict, np.ndarray]:
-    """Fit on ``data.train_images``, score the test split; return results and maps."""
+def _evaluate(args, backbone: str, data) -> tuple[dict, np.ndarray, float]:
+    """Fit on ``data.train_images``, score the test split; return results, maps and pixel threshold."""
     detector = PatchCoreDetector(
         feature_extractor=_make_extractor(backbone, args.layers, args.weights),
         image_size=args.image_size,
@@ -244,7 +244,7 @@ def _evaluate(args, backbone: str, data) -> tuple[dict, np.ndarray]:
         "n_train": len(data.train_images),
         "n_test": len(data.test_images),
     }
-    return result, maps
+    return result, maps, detector.pixel_threshold_
 
 
 def _run_benchmark(args) -> int:
@@ -260,11 +260,11 @@ def _run_benchmark(args) -> int:
             if args.n_train is not None:
                 data.train_images = data.train_images[: args.n_train]
             for backbone in backbones:
-                result, maps = _evaluate(args, backbone, data)
+                result, maps, threshold = _evaluate(args, backbone, data)
                 results.append(result)
                 if args.heatmaps:
                     folder = args.output / "heatmaps" / backbone / category
-                    _save_heatmaps(folder, data, maps)
+                    _save_heatmaps(folder, data, maps, threshold)
                     _log(args, f"[{category}] {backbone}: heatmaps in {folder}")
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
         if args.verbose:
@@ -378,33 +378,34 @@ def _write_results(args, results: Sequence[dict]) -> None:
     (args.output / "results.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
-def _jet(values: np.ndarray) -> np.ndarray:
-    """Matplotlib's "jet" colormap: values in [0, 1] (H, W) to RGB uint8 (H, W, 3)."""
-    channels = [np.clip(1.5 - np.abs(4 * values - centre), 0, 1) for centre in (3, 2, 1)]
-    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
+def _save_heatmaps(folder: Path, data, maps: np.ndarray, threshold: float) -> None:
+    """Write ``<defect type>_<name>.png``: each test image with its map and outlines.
 
-
-def _save_heatmaps(folder: Path, data, maps: np.ndarray) -> None:
-    """Write ``<defect type>_<name>.png``: the test image beside its heatmap overlay.
-
-    The maps share one colour scale per category (its test maps' min to max),
-    so colours compare across images; the ground-truth outline is white.
+    Drawn by :class:`~skpatchcore.display.AnomalyMapDisplay`; the maps share
+    one colour scale per category (its test maps' min to max), so colours
+    compare across images. The predicted defect (map above the detector's
+    ``pixel_threshold_``) is outlined in white, the ground truth in green.
     """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no window, works on headless machines
+    import matplotlib.pyplot as plt
+
     folder.mkdir(parents=True, exist_ok=True)
-    low, high = float(maps.min()), float(maps.max())
-    scaled = (maps - low) / (high - low) if high > low else np.zeros_like(maps)
+    scale = {"vmin": float(maps.min()), "vmax": float(maps.max())}
     for image, heat, mask, defect, filename in zip(
         data.test_images,
-        scaled,
+        maps,
         data.test_masks,
         data.test_defect_types,
         data.test_filenames,
         strict=True,
     ):
-        overlay = (0.5 * image + 0.5 * _jet(heat)).astype(np.uint8)
-        overlay[mask & ~ndimage.binary_erosion(mask)] = 255
-        panel = np.concatenate([image, overlay], axis=1)
-        Image.fromarray(panel).save(folder / f"{defect}_{Path(filename).stem}.png")
+        display = AnomalyMapDisplay.from_predictions(
+            image[None], heat[None], threshold=threshold, masks=mask[None], **scale
+        )
+        display.figure_.savefig(folder / f"{defect}_{Path(filename).stem}.png", dpi=80)
+        plt.close(display.figure_)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

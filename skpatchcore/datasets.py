@@ -65,11 +65,12 @@ def _list_images(folder: Path) -> list[Path]:
     return files
 
 
-def _open(path: Path, mode: str) -> Image.Image:
+def _open(path: Path, mode: str | None) -> Image.Image:
+    """The decoded image, converted to ``mode`` (None: as stored)."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert(mode)
+            return image if mode is None else image.convert(mode)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ValueError(f"Cannot read image file {path}: {exc}") from exc
 
@@ -87,11 +88,7 @@ def _read_images(paths: Sequence[Path], size: tuple[int, int] | None) -> np.ndar
             if first_size is None:
                 first_size = image.size
             elif image.size != first_size:
-                raise ValueError(
-                    f"Images differ in size: {path} is {image.size[0]}x{image.size[1]} "
-                    f"but {paths[0]} is {first_size[0]}x{first_size[1]} (width x height). "
-                    "Pass image_size to resize them all."
-                )
+                raise _size_mismatch(path, image.size, paths[0], first_size)
         else:
             # PIL sizes are (width, height).
             image = image.resize(size[::-1], Image.Resampling.BICUBIC)
@@ -101,6 +98,36 @@ def _read_images(paths: Sequence[Path], size: tuple[int, int] | None) -> np.ndar
             out = np.empty((len(paths),) + array.shape, dtype=np.uint8)
         out[i] = array
     return out
+
+
+def _size_mismatch(path, size, first_path, first_size) -> ValueError:
+    return ValueError(
+        f"Images differ in size: {path} is {size[0]}x{size[1]} "
+        f"but {first_path} is {first_size[0]}x{first_size[1]} (width x height). "
+        "Pass image_size to resize them all."
+    )
+
+
+def _load_images(
+    paths: Sequence[Path], size: tuple[int, int] | None, return_paths: bool
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """The images (or, with ``return_paths``, their paths) and their ``(H, W)``.
+
+    Paths are checked like pixels: without ``size`` all files must share one
+    size, read from the file headers only.
+    """
+    if not return_paths:
+        images = _read_images(paths, size)
+        return images, images.shape[1:3]
+    if size is None:
+        sizes = []
+        for path in paths:
+            with Image.open(path) as image:
+                sizes.append(image.size)
+                if image.size != sizes[0]:
+                    raise _size_mismatch(path, image.size, paths[0], sizes[0])
+        size = sizes[0][::-1]
+    return np.array([str(p) for p in paths]), size
 
 
 def _find_mask(mask_dir: Path, stem: str) -> Path | None:
@@ -167,10 +194,11 @@ def _read_masks(
         "category": [str],
         "split": [str, tuple, list, None],
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "return_paths": ["boolean"],
     },
     prefer_skip_nested_validation=True,
 )
-def load_mvtec(root, category: str, *, split=None, image_size=None) -> Bunch:
+def load_mvtec(root, category: str, *, split=None, image_size=None, return_paths=False) -> Bunch:
     """Load one category of MVTec AD from its official folder layout.
 
     The layout read is ``root/category/train/good/*.png``,
@@ -194,6 +222,11 @@ def load_mvtec(root, category: str, *, split=None, image_size=None) -> Bunch:
         MVTec's 900x900 originals take 2.4 MB each as arrays. None keeps
         the files' size, which must then be the same for all images of a
         split.
+    return_paths : bool, default=False
+        Leave the images on disk: ``train_images`` and ``test_images`` hold
+        their file paths, for :class:`~skpatchcore.ImageReader` to read
+        (with the same ``image_size``, it gives the same pixels). Masks are
+        still read, at ``image_size`` or the files' common size.
 
     Returns
     -------
@@ -203,12 +236,14 @@ def load_mvtec(root, category: str, *, split=None, image_size=None) -> Bunch:
         train_images : ndarray of shape (n_train, H, W, 3), uint8
             Defect-free training images, RGB. Grayscale categories (grid,
             screw, zipper) are replicated to three channels, so every
-            category feeds the same ImageNet backbones.
+            category feeds the same ImageNet backbones. With
+            ``return_paths=True``: shape (n_train,), str, the file paths.
         train_filenames : ndarray of shape (n_train,), str
             Paths of the training images.
         test_images : ndarray of shape (n_test, H, W, 3), uint8
             Test images: the ``good`` ones first, then each defect type in
-            alphabetical order, files sorted by name.
+            alphabetical order, files sorted by name. With
+            ``return_paths=True``: shape (n_test,), str, the file paths.
         test_labels : ndarray of shape (n_test,), int64
             0 for good images, 1 for defective ones.
         test_masks : ndarray of shape (n_test, H, W), bool
@@ -262,7 +297,7 @@ def load_mvtec(root, category: str, *, split=None, image_size=None) -> Bunch:
 
     if "train" in splits:
         train_files = _list_images(_check_dir(base / "train" / "good", "Training"))
-        data.train_images = _read_images(train_files, size)
+        data.train_images = _load_images(train_files, size, return_paths)[0]
         data.train_filenames = np.array([str(p) for p in train_files])
         description.append(f"{len(train_files)} defect-free training images")
 
@@ -288,10 +323,9 @@ def load_mvtec(root, category: str, *, split=None, image_size=None) -> Bunch:
                 continue
             mask_dir = _check_dir(base / "ground_truth" / defect, "Ground-truth mask")
             mask_files += [_require_mask(mask_dir, path) for path in defect_files]
-        images = _read_images(files, size)
-        data.test_images = images
+        data.test_images, shape = _load_images(files, size, return_paths)
         data.test_labels = np.array([t != "good" for t in types], dtype=np.int64)
-        data.test_masks = _read_masks(files, mask_files, images.shape[1:3], size)
+        data.test_masks = _read_masks(files, mask_files, shape, size)
         data.test_defect_types = np.array(types)
         data.test_filenames = np.array([str(p) for p in files])
         description.append(
@@ -315,10 +349,13 @@ def load_mvtec(root, category: str, *, split=None, image_size=None) -> Bunch:
         "defect_dir": [str, os.PathLike, None],
         "mask_dir": [str, os.PathLike, None],
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "return_paths": ["boolean"],
     },
     prefer_skip_nested_validation=True,
 )
-def load_folder(good_dir, defect_dir=None, mask_dir=None, *, image_size=None) -> Bunch:
+def load_folder(
+    good_dir, defect_dir=None, mask_dir=None, *, image_size=None, return_paths=False
+) -> Bunch:
     """Load your own images: a folder of good ones, optionally defective ones and masks.
 
     Files directly inside each folder are read (not sub-folders), sorted by
@@ -339,6 +376,10 @@ def load_folder(good_dir, defect_dir=None, mask_dir=None, *, image_size=None) ->
     image_size : int, (height, width) or None, default=None
         Resize while loading (bicubic for images, nearest for masks). None
         keeps the files' size, which must then be the same for all images.
+    return_paths : bool, default=False
+        Leave the images on disk: ``images`` holds their file paths, for
+        :class:`~skpatchcore.ImageReader` to read (with the same
+        ``image_size``, it gives the same pixels). Masks are still read.
 
     Returns
     -------
@@ -347,6 +388,7 @@ def load_folder(good_dir, defect_dir=None, mask_dir=None, *, image_size=None) ->
 
         images : ndarray of shape (n_images, H, W, 3), uint8
             RGB images, good ones first (grayscale replicated to 3 channels).
+            With ``return_paths=True``: shape (n_images,), str, the file paths.
         labels : ndarray of shape (n_images,), int64
             0 for good images, 1 for defective ones.
         masks : ndarray of shape (n_images, H, W), bool, or None
@@ -388,14 +430,14 @@ def load_folder(good_dir, defect_dir=None, mask_dir=None, *, image_size=None) ->
         [] if defect_dir is None else _list_images(_check_dir(defect_dir, "Defect-image"))
     )
     files = good_files + defect_files
-    images = _read_images(files, size)
+    images, shape = _load_images(files, size, return_paths)
     labels = np.array([0] * len(good_files) + [1] * len(defect_files), dtype=np.int64)
 
     masks = None
     if mask_dir is not None:
         mask_root = _check_dir(mask_dir, "Mask")
         mask_files = [None] * len(good_files) + [_require_mask(mask_root, p) for p in defect_files]
-        masks = _read_masks(files, mask_files, images.shape[1:3], size)
+        masks = _read_masks(files, mask_files, shape, size)
     return Bunch(
         images=images,
         labels=labels,

@@ -11,16 +11,18 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import check_device, module_on
-from ._memory import check_memory
+from ._memory import check_fits_in_memory
 from .coreset import ProjectedRows, coreset_size
-from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
+from .feature_cache import cached_patch_embeddings
+from .features import FeatureExtractor, TorchvisionExtractor
 from .images import check_images, crop_box, resized_shape
 from .maps import anomaly_maps
 from .neighbors import NearestNeighborIndex, exact_kneighbors
+from .progress import log
 from .scoring import image_scores, max_patches, reweighted_scores
 
 __all__ = ["PatchCoreDetector"]
@@ -132,8 +134,22 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     random_state : int, RandomState instance or None, default=None
         Seeds the coreset's projection and start and the approximate index;
         an int makes fits and scores bit-reproducible on CPU.
+    memory : None, str or joblib.Memory, default=None
+        Cache the patch features on disk (a folder path or a
+        ``joblib.Memory``), keyed on the image bytes, the extractor's
+        parameters, the input size and crop, ``embedding_dim`` and the
+        device type. A ``GridSearchCV`` over parameters that do not touch
+        the network (``coreset_ratio``, ``n_neighbors``, ``algorithm``,
+        ``contamination``, ``sigma``) then runs the network once per distinct
+        training fold and once per test fold instead of once per candidate,
+        with identical results. Scoring is keyed on the ``feature_extractor``
+        parameter too, so leave it as fitted. The cache holds float32
+        features of every image it sees (``n * h * w * D * 4`` bytes per
+        call); clear it with ``memory.clear()``. None caches nothing.
     verbose : int, default=0
-        Print progress of the fitting stages.
+        Log the fitting stages and their times (``logging``, logger
+        ``"skpatchcore"``, shown on stderr when logging is not configured)
+        and show progress bars of the images through the network.
 
     Attributes
     ----------
@@ -225,6 +241,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         "device": [str, torch.device],
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
+        "memory": [None, str, HasMethods(["cache"])],
         "verbose": ["verbose"],
     }
 
@@ -248,6 +265,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         device="cpu",
         n_jobs=None,
         random_state=None,
+        memory=None,
         verbose=0,
     ):
         self.feature_extractor = feature_extractor
@@ -267,6 +285,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.device = device
         self.n_jobs = n_jobs
         self.random_state = random_state
+        self.memory = memory
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
@@ -375,14 +394,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         return normal
 
     def _log(self, message: str, start: float) -> None:
-        if self.verbose:
-            print(f"[PatchCoreDetector] {message} in {time.perf_counter() - start:.1f} s")
+        log(f"PatchCoreDetector: {message} in {time.perf_counter() - start:.1f} s", self.verbose)
 
     def _patch_batches(self, net, images, size, box, device):
         """``(batch_slice, patches (b, h, w, D))`` of ``images``, batch by batch."""
-        return iter_patch_embeddings(
-            net, images, size=size, box=box, embedding_dim=self.embedding_dim,
-            batch_size=self.batch_size, device=device,
+        return cached_patch_embeddings(
+            self.memory, self.feature_extractor, net, images, size=size, box=box,
+            embedding_dim=self.embedding_dim, batch_size=self.batch_size, device=device,
+            verbose=self.verbose,
         )
 
     def _extract_for_fit(self, net, images, size, box, device, coreset_seed, folder):
@@ -434,7 +453,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         projection_dim = dim if self.projection_dim is None else min(self.projection_dim, dim)
         store_bytes = 2 * n_patches * dim
         in_memory = store_bytes <= _IN_MEMORY_FEATURE_BYTES
-        check_memory(
+        check_fits_in_memory(
             {
                 "the coreset's projected features": 4 * n_patches * projection_dim,
                 "the memory bank": 4 * n_bank * dim,

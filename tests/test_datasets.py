@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from skpatchcore import ImageReader
 from skpatchcore.datasets import load_folder, load_mvtec, make_anomaly_images
+
+from .conftest import require_mvtec
 
 REAL_MVTEC = Path(__file__).parents[2] / "shared" / "data" / "mvtec"
 
@@ -338,3 +341,12 @@ def test_real_mvtec_bottle_matches_the_readme_counts():
         "good",
     ]
     np.testing.assert_array_equal(data.test_masks.any(axis=(1, 2)), data.test_labels == 1)
+
+
+def test_load_mvtec_paths_mode_keeps_masks_and_reads_back_the_same_pixels():
+    root = require_mvtec("bottle")
+    arrays = load_mvtec(root, "bottle", split="test", image_size=32)
+    paths = load_mvtec(root, "bottle", split="test", image_size=32, return_paths=True)
+    assert paths.test_images.shape == (len(arrays.test_images),)
+    np.testing.assert_array_equal(paths.test_masks, arrays.test_masks)
+    np.testing.assert_array_equal(ImageReader(image_size=32).transform(paths.test_images), arrays.test_images)

@@ -1,0 +1,162 @@
+"""Patch features cached on disk, so a parameter search runs the network once per image set.
+
+In a ``GridSearchCV`` over parameters that do not touch the network
+(``coreset_ratio``, ``n_neighbors``, ``algorithm``, ``contamination``,
+``sigma``) every candidate extracts the same features from the same folds.
+:func:`cached_patch_embeddings` stores them with ``joblib.Memory`` under a key
+made of the image bytes and of what determines the network's output: the
+extractor's parameters, the input size and crop, the embedding dimension and
+the device type.
+
+The extractor enters the key through its ``get_params``, not as an object:
+``joblib.hash`` of a ``torch.nn.Module`` differs between equal copies (and
+``clone`` copies a :class:`~skpatchcore.ModuleExtractor`'s module for every
+candidate), so modules are keyed on their architecture (``repr``) and the
+bytes of their ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import joblib
+import numpy as np
+import torch
+from sklearn.utils import gen_batches
+from sklearn.utils.validation import check_memory
+from torch import nn
+
+from .features import FeatureExtractor, TorchvisionExtractor, iter_patch_embeddings
+from .progress import log, progress_bar
+
+__all__ = ["cached_patch_embeddings", "extractor_token"]
+
+
+def _module_token(module: nn.Module) -> tuple[str, str]:
+    """Architecture and weights of a module, equal for equal copies."""
+    state = {}
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu()
+        state[name] = (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+    return repr(module), joblib.hash(state)
+
+
+def _value_token(value):
+    if isinstance(value, nn.Module):
+        return _module_token(value)
+    if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+        # A weights file: its content may change under the same name.
+        stat = os.stat(value)
+        return os.fspath(value), stat.st_size, stat.st_mtime_ns
+    return value
+
+
+def extractor_token(extractor: str | FeatureExtractor) -> str:
+    """A hash of a feature extractor's configuration, equal for equal copies.
+
+    Parameters
+    ----------
+    extractor : str or FeatureExtractor
+        As the detector's ``feature_extractor`` parameter; a str names a
+        :class:`~skpatchcore.TorchvisionExtractor`.
+
+    Returns
+    -------
+    token : str
+        Changes with the extractor's class, any of its parameters, and for
+        ``torch.nn.Module`` parameters with their ``repr`` or weights; for a
+        weights file, with its size or modification time.
+    """
+    if isinstance(extractor, str):
+        extractor = TorchvisionExtractor(extractor)
+    params = {name: _value_token(value) for name, value in extractor.get_params(deep=False).items()}
+    cls = type(extractor)
+    return joblib.hash((f"{cls.__module__}.{cls.__qualname__}", params))
+
+
+def _all_patch_embeddings(
+    net, images, *, size, box, embedding_dim, batch_size, device, verbose, extractor, device_type
+) -> np.ndarray:
+    """All patch features ``(n, h, w, D)`` in one float32 array.
+
+    ``extractor`` (a token) and ``device_type`` are only part of the cache key.
+    """
+    out = None
+    batches = iter_patch_embeddings(
+        net, images, size=size, box=box, embedding_dim=embedding_dim,
+        batch_size=batch_size, device=device,
+    )
+    for batch, patches in _with_progress(batches, len(images), verbose):
+        if out is None:
+            out = np.empty((len(images), *patches.shape[1:]), dtype=np.float32)
+        out[batch] = patches.cpu().numpy()
+    return out
+
+
+def cached_patch_embeddings(
+    memory,
+    extractor: str | FeatureExtractor,
+    net: nn.Module,
+    images: np.ndarray,
+    *,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    embedding_dim: int | None,
+    batch_size: int,
+    device="cpu",
+    verbose=0,
+):
+    """:func:`~skpatchcore.features.iter_patch_embeddings`, cached in ``memory``.
+
+    Parameters
+    ----------
+    memory : None, str or joblib.Memory
+        As ``Pipeline(memory=...)``: None (or a Memory without location)
+        caches nothing and streams the batches as they are computed.
+    extractor : str or FeatureExtractor
+        The configuration ``net`` was loaded from; it keys the cache in
+        place of the network.
+    net : torch.nn.Module
+        The loaded network, run only on a cache miss.
+    images : ndarray of shape (n, H, W, C)
+        From :func:`~skpatchcore.images.check_images`; keyed on their bytes.
+    size, box, embedding_dim, batch_size, device
+        As for ``iter_patch_embeddings``; ``batch_size`` is not part of the
+        key, the device's type is.
+    verbose : int, default=0
+        Show a progress bar of the images through the network.
+
+    Yields
+    ------
+    batch : slice
+        Positions in ``images``.
+    patches : torch.Tensor of shape (b, h, w, D), float32
+        On the CPU when read from the cache.
+    """
+    memory = check_memory(memory)
+    if memory.location is None:
+        yield from _with_progress(
+            iter_patch_embeddings(
+                net, images, size=size, box=box, embedding_dim=embedding_dim,
+                batch_size=batch_size, device=device,
+            ),
+            len(images), verbose,
+        )
+        return
+    compute = memory.cache(_all_patch_embeddings, ignore=["net", "batch_size", "device", "verbose"])
+    key = dict(
+        size=tuple(size), box=tuple(box), embedding_dim=embedding_dim,
+        extractor=extractor_token(extractor), device_type=torch.device(device).type,
+    )
+    if verbose and compute.check_call_in_cache(net, images, batch_size=batch_size, device=device, verbose=0, **key):
+        log(f"patch features of {len(images)} images read from {memory.location}", verbose)
+    patches = compute(net, images, batch_size=batch_size, device=device, verbose=verbose, **key)
+    for batch in gen_batches(len(images), batch_size):
+        yield batch, torch.from_numpy(patches[batch])
+
+
+def _with_progress(batches, total: int, verbose):
+    with progress_bar(total, "patch features", verbose) as bar:
+        for batch, patches in batches:
+            yield batch, patches
+            bar.update(batch.stop - batch.start)
