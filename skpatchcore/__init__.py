@@ -9,6 +9,7 @@ from .features import (
     TorchvisionExtractor,
 )
 from .neighbors import NearestNeighborIndex
+from .persistence import load, save
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,6 @@ __all__ = [
     "TorchvisionExtractor",
     "ModuleExtractor",
     "EfficientNetLite0Extractor",
+    "save",
+    "load",
 ]
