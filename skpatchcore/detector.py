@@ -167,7 +167,17 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     reweighted by Eq. 7 (Sec. 3.3), maps bilinearly upsampled and smoothed
     with a Gaussian of sigma 4.
 
-    **Saving.** A fitted detector pickles (``pickle``, ``joblib.dump``)
+    **Threads.** :meth:`score_samples`, :meth:`decision_function`,
+    :meth:`predict`, :meth:`anomaly_maps` and :meth:`predict_masks` may be
+    called from several threads on one fitted detector and give the serial
+    results (pynndescent queries and hooked networks take turns on a lock;
+    the rest runs concurrently). :meth:`fit` and ``set_params`` must not run
+    while another thread scores. An interrupted :meth:`fit`
+    (``KeyboardInterrupt``, an error) leaves the fitted attributes as they
+    were: they are set together at its end.
+
+    **Saving.** :func:`skpatchcore.save` writes a file that holds no code
+    (safetensors and JSON), read back by :func:`skpatchcore.load`. A fitted detector also pickles (``pickle``, ``joblib.dump``)
     independently of its device: the state saved holds ``feature_extractor_``
     on the CPU, so a detector fitted with ``device="cuda"`` loads on a machine
     without a GPU. The live detector is left as it is (the network is copied

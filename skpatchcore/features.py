@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import threading
 import urllib.error
 from collections.abc import Sequence
 
@@ -74,11 +75,17 @@ class _HookedBody(nn.Module):
         self._out[name] = output
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._out = {}
-        self.module(x)
-        # Keep no activations between calls: they would hold (GPU) memory and be pickled.
-        out, self._out = self._out, {}
+        # The hooks store into this module: calls from several threads take turns.
+        with _HOOKED_FORWARD_LOCK:
+            self._out = {}
+            self.module(x)
+            # Keep no activations between calls: they would hold (GPU) memory and be pickled.
+            out, self._out = self._out, {}
         return out
+
+
+# One lock for every hooked network (a lock attribute would not pickle or deepcopy).
+_HOOKED_FORWARD_LOCK = threading.Lock()
 
 
 def _check_layers(module: nn.Module, layers) -> list[str]:

@@ -63,6 +63,8 @@ def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
             "Images of different sizes must be resized to one size first, or passed to a "
             "method that accepts them (PatchCoreDetector's fit and scoring methods)."
         )
+    # In a list, the list is the batch axis: (H, W, 3) items are not ambiguous.
+    from_sequence = isinstance(X, (list, tuple))
     X = np.asarray(X)
     if X.dtype.kind == "O":
         try:  # numbers stored as objects
@@ -96,7 +98,7 @@ def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
                 f"Rows of length {X.shape[1]} cannot be reshaped to image_shape="
                 f"{tuple(image_shape)}."
             ) from None
-    if X.ndim == 3 and X.shape[-1] in (3, 4):
+    if X.ndim == 3 and X.shape[-1] in (3, 4) and not from_sequence:
         raise ValueError(
             f"Got a 3-D array of shape {X.shape}: a single {X.shape[-1]}-channel image? "
             "Images are read as (n, H, W, C) or (n, H, W): pass one image as "
