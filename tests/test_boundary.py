@@ -132,7 +132,7 @@ def test_grayscale_lists_of_mixed_sizes_and_layouts(fitted_gray, images):
 @given(
     X=hnp.arrays(np.uint8, (2, 40, 40, 3), elements=st.integers(0, 255)),
     pattern=st.sampled_from(["random", "zeros", "full", "checker"]),
-    view=st.sampled_from(["strided", "transposed", "fortran", "reversed"]),
+    view=st.sampled_from(["contiguous", "strided", "transposed", "fortran", "reversed"]),
     read_only=st.booleans(),
 )
 def test_any_memory_layout_scores_like_a_contiguous_copy(fitted, X, pattern, view, read_only):
@@ -143,6 +143,7 @@ def test_any_memory_layout_scores_like_a_contiguous_copy(fitted, X, pattern, vie
     elif pattern == "checker":
         X[:] = (np.indices((40, 40)).sum(axis=0) % 2 * 255)[None, :, :, None]
     X = {
+        "contiguous": X,
         "strided": X[:, ::2, ::2],
         "transposed": X.transpose(0, 2, 1, 3),
         "fortran": np.asfortranarray(X),
@@ -152,7 +153,7 @@ def test_any_memory_layout_scores_like_a_contiguous_copy(fitted, X, pattern, vie
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         scores = fitted.score_samples(X)
-    np.testing.assert_array_equal(scores, fitted.score_samples(np.ascontiguousarray(X)))
+    np.testing.assert_array_equal(scores, fitted.score_samples(np.array(X, order="C")))
 
 
 # --------------------------------------------------------------- interrupted fit
