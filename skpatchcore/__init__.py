@@ -2,6 +2,7 @@
 
 from .coreset import GreedyCoresetSampler
 from .detector import PatchCoreDetector
+from .export import export_onnx
 from .features import (
     EfficientNetLite0Extractor,
     FeatureExtractor,
@@ -23,4 +24,5 @@ __all__ = [
     "EfficientNetLite0Extractor",
     "save",
     "load",
+    "export_onnx",
 ]

@@ -142,9 +142,12 @@ def export_onnx(detector: PatchCoreDetector, path: str | os.PathLike, *, image_s
     """
     check_is_fitted(detector)
     try:
-        import onnx  # noqa: F401 - torch's exporter needs it
+        import onnx  # noqa: F401 - torch's exporter needs both
+        import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise ImportError("ONNX export needs onnx: pip install 'skpatchcore[onnx]'.") from exc
+        raise ImportError(
+            "ONNX export needs onnx and onnxscript: pip install 'skpatchcore[onnx]'."
+        ) from exc
     height, width, channels = detector.image_shape_
     if image_shape is not None:
         height, width = image_shape[:2]
@@ -157,7 +160,9 @@ def export_onnx(detector: PatchCoreDetector, path: str | os.PathLike, *, image_s
             os.fspath(path),
             input_names=["images"],
             output_names=["score_samples", "anomaly_maps"],
-            dynamic_axes={"images": {0: "batch"}, "score_samples": {0: "batch"}, "anomaly_maps": {0: "batch"}},
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
             opset_version=OPSET,
             dynamo=True,
+            external_data=False,  # one self-contained file
+            verbose=False,
         )
