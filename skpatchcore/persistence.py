@@ -332,6 +332,12 @@ def _is_weights_enum(value) -> bool:
     return isinstance(value, WeightsEnum)
 
 
+_NODE_KINDS = (
+    "scalar", "array", "tensor", "tuple", "list", "dict", "device", "random_state",
+    "numpy_type", "csr", "network", "estimator", "nndescent", "torchvision_weights",
+)
+
+
 class _Decoder:
     """Builds objects from the JSON tree, creating only trusted classes."""
 
@@ -349,9 +355,10 @@ class _Decoder:
             return node
         if isinstance(node, list):
             raise ValueError("untyped list in the model file")
-        (kind,) = [k for k in ("scalar", "array", "tensor", "tuple", "list", "dict", "device",
-                               "random_state", "numpy_type", "csr", "network", "estimator",
-                               "nndescent", "torchvision_weights") if k in node]
+        kinds = [k for k in _NODE_KINDS if k in node]
+        if len(kinds) != 1:
+            raise ValueError(f"the model file holds a node of unknown kind {sorted(node)}")
+        (kind,) = kinds
         if kind == "scalar":
             return _numeric_dtype(node["scalar"]).type(node["value"])
         if kind == "array":

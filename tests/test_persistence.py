@@ -209,3 +209,22 @@ def test_joblib_still_round_trips(resnet_fitted, textures, tmp_path):
     joblib.dump(resnet_fitted, tmp_path / "det.joblib")
     loaded = joblib.load(tmp_path / "det.joblib")
     np.testing.assert_array_equal(loaded.score_samples(textures[1]), resnet_fitted.score_samples(textures[1]))
+
+
+def test_interrupted_save_keeps_the_previous_file(resnet_fitted, saved, monkeypatch):
+    before = saved.read_bytes()
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        skpatchcore.save(resnet_fitted, saved)
+    assert saved.read_bytes() == before
+    assert list(saved.parent.iterdir()) == [saved]  # no temporary file left
+
+
+def test_unknown_node_is_refused(saved):
+    rewrite_document(saved, lambda doc: doc["detector"]["attributes"].update(offset_={"code": "x"}))
+    with pytest.raises(ValueError, match="unknown kind"):
+        skpatchcore.load(saved)
