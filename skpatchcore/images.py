@@ -63,16 +63,16 @@ def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
             "Images of different sizes must be resized to one size first, or passed to a "
             "method that accepts them (PatchCoreDetector's fit and scoring methods)."
         )
-    # In a list, the list is the batch axis: (H, W, 3) items are not ambiguous.
-    from_sequence = isinstance(X, (list, tuple))
+    # In a list, the list is the batch axis: (H, W, 3) items are not ambiguous;
+    # nor are rows reshaped to the image_shape the caller gave.
+    explicit = isinstance(X, (list, tuple))
     X = np.asarray(X)
     if X.dtype.kind == "O":
         try:  # numbers stored as objects
             X = X.astype(np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(
-                "Images must be arrays of numbers; got an object array whose entries are "
-                "not all numbers."
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(
+                f"Images must be arrays of numbers; an entry of the object array is not: {exc}"
             ) from None
     if X.dtype.kind == "c":
         raise ValueError("Complex data not supported: images must be real-valued.")
@@ -91,6 +91,7 @@ def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
             raise ValueError(
                 f"0 feature(s) (shape={X.shape}) while a minimum of 1 is required."
             )
+        explicit = True
         try:
             X = X.reshape((X.shape[0], *image_shape))
         except ValueError:
@@ -98,7 +99,7 @@ def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
                 f"Rows of length {X.shape[1]} cannot be reshaped to image_shape="
                 f"{tuple(image_shape)}."
             ) from None
-    if X.ndim == 3 and X.shape[-1] in (3, 4) and not from_sequence:
+    if X.ndim == 3 and X.shape[-1] in (3, 4) and not explicit:
         raise ValueError(
             f"Got a 3-D array of shape {X.shape}: a single {X.shape[-1]}-channel image? "
             "Images are read as (n, H, W, C) or (n, H, W): pass one image as "

