@@ -177,12 +177,13 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     were: they are set together at its end.
 
     **Saving.** :func:`skpatchcore.save` writes a file that holds no code
-    (safetensors and JSON), read back by :func:`skpatchcore.load`. A fitted detector also pickles (``pickle``, ``joblib.dump``)
-    independently of its device: the state saved holds ``feature_extractor_``
-    on the CPU, so a detector fitted with ``device="cuda"`` loads on a machine
-    without a GPU. The live detector is left as it is (the network is copied
-    to the CPU for the pickle through torch's own serialisation; a network
-    already on the CPU is saved without a copy). The loaded detector keeps its ``device``
+    (safetensors and JSON), read back by :func:`skpatchcore.load`. A fitted
+    detector also pickles (``pickle``, ``joblib.dump``) independently of its
+    device: the state saved holds ``feature_extractor_`` on the CPU, so a
+    detector fitted with ``device="cuda"`` loads on a machine without a GPU.
+    The live detector is left as it is (the network is copied to the CPU for
+    the pickle through torch's own serialisation; a network already on the CPU
+    is saved without a copy). The loaded detector keeps its ``device``
     parameter: on a machine without CUDA, ``set_params(device="cpu")`` before
     scoring. The ``feature_extractor`` parameter is saved as given, so a
     :class:`ModuleExtractor` should hold its module on the CPU.
