@@ -123,7 +123,7 @@ def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
     if X.shape[1] == 0 or X.shape[2] == 0:
         raise ValueError(f"Images have zero height or width: shape {X.shape}.")
     if X.dtype.kind == "f":
-        X = X.astype(np.float32, copy=False)
+        # Checked before the cast: float64 values beyond float32's range would overflow.
         if not np.isfinite(X).all():
             raise ValueError("Images contain NaN or infinity.")
         low, high = float(X.min()), float(X.max())
@@ -132,6 +132,7 @@ def check_images(X, *, image_shape: Sequence[int] | None = None) -> np.ndarray:
                 f"Float images must lie in [0, 1]; got values in [{low:g}, {high:g}]. "
                 "Divide 8-bit data by 255, or pass it as uint8."
             )
+        X = X.astype(np.float32, copy=False)
     elif X.dtype == np.uint16:
         X = X.astype(np.float32) / np.float32(65535)
     elif X.dtype != np.uint8:

@@ -161,3 +161,13 @@ def test_common_size_images_needs_one_network_size():
 
 def test_rows_reshaped_by_image_shape_are_not_ambiguous():
     assert check_images(np.zeros((2, 3)), image_shape=(1, -1)).shape == (2, 1, 3, 1)
+
+
+def test_float64_beyond_float32_range_is_refused_without_overflow_warning():
+    # Found by tests/test_boundary.py: the cast to float32 used to come first.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            check_images(np.full((1, 2, 2), 1e300))
