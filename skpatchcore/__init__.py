@@ -2,6 +2,7 @@
 
 from .coreset import GreedyCoresetSampler
 from .detector import PatchCoreDetector
+from .export import export_onnx
 from .features import (
     EfficientNetLite0Extractor,
     FeatureExtractor,
@@ -9,6 +10,7 @@ from .features import (
     TorchvisionExtractor,
 )
 from .neighbors import NearestNeighborIndex
+from .persistence import load, save
 from .reader import ImageReader
 from .thresholds import TunedThresholdDetectorCV
 
@@ -24,4 +26,7 @@ __all__ = [
     "EfficientNetLite0Extractor",
     "ImageReader",
     "TunedThresholdDetectorCV",
+    "save",
+    "load",
+    "export_onnx",
 ]

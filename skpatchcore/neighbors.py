@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from numbers import Integral, Real
 
 import numpy as np
@@ -68,6 +69,10 @@ def pynndescent_pays_off(
     exact_s = _EXACT_S_PER_ROW_DIM_THREAD * n_samples * n_features / max(1, n_threads)
     build_s = _PYNNDESCENT_COMPILE_S + _PYNNDESCENT_BUILD_S_PER_ROW_DIM * n_samples * n_features
     return n_queries * (exact_s - _PYNNDESCENT_QUERY_S) > build_s
+
+# One lock for all pynndescent queries (a lock per index would not pickle):
+# queries from several threads take turns, each on its own numba threads.
+_PYNNDESCENT_QUERY_LOCK = threading.Lock()
 
 
 # Below this many queries a chunk's product is computed as bank @ X.T: CPU GEMM
@@ -422,8 +427,8 @@ class NearestNeighborIndex(BaseEstimator):
     axes (``bank_projected_``). With ``n_jobs`` above 1, queries run on numba
     threads (parallel search kernels, also cached on disk); on 2 cores that
     scored a batch of 16 bottle images 1.7-2x faster. Querying mutates
-    per-index search buffers: do not call :meth:`kneighbors` of one
-    pynndescent index from several threads at once.
+    per-index search buffers, so pynndescent queries from several threads
+    take turns (a lock); the exact search runs concurrently.
 
     Examples
     --------
@@ -592,16 +597,19 @@ class NearestNeighborIndex(BaseEstimator):
 
     def _query(self, X, n_neighbors):
         """pynndescent's search, on ``n_jobs`` numba threads if built for parallel queries."""
-        if not self.index_.parallel_batch_queries:
-            return self.index_.query(X, k=n_neighbors, epsilon=self.epsilon)
-        import numba
+        # pynndescent searches in buffers of the index (visited flags, heaps):
+        # concurrent queries of one index would corrupt each other's.
+        with _PYNNDESCENT_QUERY_LOCK:
+            if not self.index_.parallel_batch_queries:
+                return self.index_.query(X, k=n_neighbors, epsilon=self.epsilon)
+            import numba
 
-        previous = numba.get_num_threads()
-        numba.set_num_threads(min(effective_n_jobs(self.n_jobs), numba.config.NUMBA_NUM_THREADS))
-        try:
-            return self.index_.query(X, k=n_neighbors, epsilon=self.epsilon)
-        finally:
-            numba.set_num_threads(previous)
+            previous = numba.get_num_threads()
+            numba.set_num_threads(min(effective_n_jobs(self.n_jobs), numba.config.NUMBA_NUM_THREADS))
+            try:
+                return self.index_.query(X, k=n_neighbors, epsilon=self.epsilon)
+            finally:
+                numba.set_num_threads(previous)
 
     def nearest_within(self, X, bounds) -> tuple[np.ndarray, np.ndarray]:
         """Exact nearest bank row of queries whose nearest distance has a known upper bound.

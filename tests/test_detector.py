@@ -293,3 +293,27 @@ def test_interrupted_fit_keeps_the_earlier_fit_and_no_temporary_file(
         fitted.fit(textures[0][:8])
     assert fitted.memory_bank_ is bank and fitted.offset_ == offset
     assert list(tmp_path.iterdir()) == []
+def test_images_of_different_sizes_score_each_at_its_own_size(fitted, textures):
+    _, defective, _ = textures
+    small = defective[0]
+    large = np.repeat(np.repeat(defective[1], 2, axis=0), 3, axis=1)  # 64 x 96
+    maps, scores = fitted.anomaly_maps([small, large, small], return_score_samples=True)
+    assert [m.shape for m in maps] == [(32, 32), (64, 96), (32, 32)]
+    np.testing.assert_array_equal(scores[[0, 2]], fitted.score_samples(small[None]).repeat(2))
+    np.testing.assert_array_equal(maps[1], fitted.anomaly_maps(large[None])[0])
+    assert [m.shape for m in fitted.predict_masks([small, large])] == [(32, 32), (64, 96)]
+
+
+def test_fit_resizes_training_images_of_different_sizes(tiny_params, textures):
+    normal = textures[0][6:]
+    mixed = [normal[0], np.repeat(np.repeat(normal[1], 2, axis=0), 2, axis=1), *normal[2:]]
+    det = PatchCoreDetector(**dict(tiny_params, image_size=(32, 32))).fit(mixed)
+    assert det.image_shape_ == (32, 32, 3)
+    assert np.isfinite(det.offset_)
+
+
+def test_uint16_images_score_like_their_float_scaling(fitted, textures):
+    X16 = np.round(textures[1] * 65535).astype(np.uint16)
+    np.testing.assert_allclose(
+        fitted.score_samples(X16), fitted.score_samples(X16 / 65535.0), rtol=1e-5
+    )

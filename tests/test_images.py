@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from skpatchcore.images import check_images, crop_box, resized_shape, to_model_input
+from skpatchcore.images import (
+    check_images,
+    common_size_images,
+    crop_box,
+    resized_shape,
+    size_groups,
+    to_model_input,
+)
 
 
 def test_uint8_rgb_passes_through_without_copy():
@@ -99,3 +106,68 @@ def test_model_input_scales_uint8_and_replicates_gray():
     batch = to_model_input(images, (6, 6), (0, 0, 6, 6), "cpu")
     assert batch.shape == (2, 3, 6, 6)
     assert float(batch.min()) == float(batch.max()) == 1.0
+
+
+def test_uint16_is_read_over_the_full_16_bit_range():
+    X = np.array([[[0, 65535], [32768, 1000]]], dtype=np.uint16)
+    out = check_images(X)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[..., 0], X / 65535.0, rtol=1e-6)
+
+
+def test_single_rgb_image_is_refused_with_the_way_to_pass_it():
+    with pytest.raises(ValueError, match=r"X\[np.newaxis\]"):
+        check_images(np.zeros((64, 48, 3), dtype=np.uint8))
+
+
+def test_object_array_of_non_numbers_is_named():
+    with pytest.raises(TypeError, match="arrays of numbers"):
+        check_images(np.array([[[{}, None]]], dtype=object))
+
+
+def test_read_only_batch_converts_without_torch_warning():
+    import warnings
+
+    X = np.zeros((1, 4, 4, 3), dtype=np.uint8)
+    X.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = to_model_input(X, (4, 4), (0, 0, 4, 4), "cpu")
+    assert batch.shape == (1, 3, 4, 4)
+
+
+def test_size_groups_splits_a_mixed_list_by_shape():
+    X = [np.zeros((4, 5, 3)), np.zeros((6, 5, 3)), np.zeros((4, 5, 3))]
+    groups = size_groups(X)
+    assert [list(positions) for positions, _ in groups] == [[0, 2], [1]]
+    assert size_groups([np.zeros((4, 5, 3))] * 2) is None
+
+
+def test_common_size_images_resizes_a_mixed_list_like_the_network_input():
+    rng = np.random.RandomState(0)
+    X = [rng.randint(0, 256, (40, 40, 3)).astype(np.uint8), rng.randint(0, 256, (20, 20, 3)).astype(np.uint8)]
+    out = common_size_images(X, 32)
+    assert out.shape == (2, 32, 32, 3) and out.dtype == np.float32
+    expected = to_model_input(X[1][None], (32, 32), (0, 0, 32, 32), "cpu")[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(out[1], expected)
+
+
+def test_common_size_images_needs_one_network_size():
+    X = [np.zeros((40, 60, 3), np.uint8), np.zeros((40, 40, 3), np.uint8)]
+    with pytest.raises(ValueError, match=r"image_size=\(height, width\)"):
+        common_size_images(X, 32)
+    assert common_size_images(X, (32, 32)).shape == (2, 32, 32, 3)
+
+
+def test_rows_reshaped_by_image_shape_are_not_ambiguous():
+    assert check_images(np.zeros((2, 3)), image_shape=(1, -1)).shape == (2, 1, 3, 1)
+
+
+def test_float64_beyond_float32_range_is_refused_without_overflow_warning():
+    # Found by tests/test_boundary.py: the cast to float32 used to come first.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            check_images(np.full((1, 2, 2), 1e300))
