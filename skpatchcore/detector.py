@@ -116,11 +116,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         bank scores its own patches near 0): ``"auto"`` puts the threshold at
         the highest of them, so every held-out training image passes; a float
         flags that fraction of them.
-    max_threshold_images : int or None, default=50
+    max_threshold_images : int or None, default=100
         Training images scored leave-one-image-out for the thresholds: a
         seeded subset of this many, or all of them with None. Each costs an
         exact search of its patches through the bank, so the subset keeps
-        ``fit`` linear in the number of training images.
+        ``fit`` linear in the number of training images. Fewer images set a
+        noisier ``offset_``: on MVTec bottle, 50 of 100 gave the same test
+        accuracy on average (0.984 against 0.988) but up to 25 % false alarms
+        in one draw of 50, against 5 % with all 100.
     sigma : float, default=4.0
         Gaussian smoothing of the maps, in pixels of the network input.
     image_shape : (H, W) or (H, W, C), default=None
@@ -276,7 +279,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         n_neighbors=9,
         algorithm="auto",
         contamination="auto",
-        max_threshold_images=50,
+        max_threshold_images=100,
         sigma=4.0,
         image_shape=None,
         batch_size=16,
