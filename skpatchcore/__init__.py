@@ -4,6 +4,7 @@ from .coreset import GreedyCoresetSampler
 from .detector import PatchCoreDetector
 from .features import (
     EfficientNetLite0Extractor,
+    EfficientNetLiteExtractor,
     FeatureExtractor,
     ModuleExtractor,
     TorchvisionExtractor,
@@ -20,4 +21,5 @@ __all__ = [
     "TorchvisionExtractor",
     "ModuleExtractor",
     "EfficientNetLite0Extractor",
+    "EfficientNetLiteExtractor",
 ]
