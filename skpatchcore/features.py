@@ -24,6 +24,7 @@ from sklearn.utils import gen_batches
 from torch import nn
 
 from .images import check_images, crop_box, resized_shape, to_model_input
+from .tiling import iter_tiled_patch_embeddings
 
 __all__ = [
     "FeatureExtractor",
@@ -537,12 +538,23 @@ def iter_patch_embeddings(
     embedding_dim: int | None,
     batch_size: int,
     device="cpu",
+    tile_size=None,
+    tile_overlap: int = 32,
 ):
     """Yield ``(batch_slice, patches)`` with patches ``(b, h, w, D)`` per batch.
 
     ``images`` come from :func:`~skpatchcore.images.check_images`; batches
-    bound the memory of the backbone's activations.
+    bound the memory of the backbone's activations. With ``tile_size`` (int
+    or (height, width)), the network sees tiles of that size overlapping by
+    ``tile_overlap`` pixels and the grids are stitched into one per image
+    (:func:`~skpatchcore.tiling.iter_tiled_patch_embeddings`).
     """
+    if tile_size is not None:
+        yield from iter_tiled_patch_embeddings(
+            net, images, size=size, box=box, embedding_dim=embedding_dim,
+            batch_size=batch_size, device=device, tile_size=tile_size, tile_overlap=tile_overlap,
+        )
+        return
     with torch.inference_mode():
         for batch in gen_batches(len(images), batch_size):
             inputs = to_model_input(images[batch], size, box, device)
@@ -558,6 +570,8 @@ def extract_patch_features(
     embedding_dim: int | None = 1024,
     batch_size: int = 16,
     device="cpu",
+    tile_size=None,
+    tile_overlap: int = 32,
 ) -> np.ndarray:
     """Patch features of images, as the detector computes them.
 
@@ -571,6 +585,9 @@ def extract_patch_features(
     embedding_dim : int or None, default=1024
     batch_size : int, default=16
     device : str or torch.device, default="cpu"
+    tile_size : int, (height, width) or None, default=None
+    tile_overlap : int, default=32
+        Tiled extraction, see :class:`~skpatchcore.PatchCoreDetector`.
 
     Returns
     -------
@@ -585,7 +602,7 @@ def extract_patch_features(
         patches.cpu().numpy()
         for _, patches in iter_patch_embeddings(
             net, images, size=size, box=box, embedding_dim=embedding_dim,
-            batch_size=batch_size, device=device,
+            batch_size=batch_size, device=device, tile_size=tile_size, tile_overlap=tile_overlap,
         )
     ]
     return np.concatenate(chunks)
