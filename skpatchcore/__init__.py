@@ -2,6 +2,7 @@
 
 from .coreset import GreedyCoresetSampler
 from .detector import PatchCoreDetector
+from .ensemble import PatchCoreEnsemble
 from .features import (
     EfficientNetLite0Extractor,
     EfficientNetLiteExtractor,
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PatchCoreDetector",
+    "PatchCoreEnsemble",
     "GreedyCoresetSampler",
     "NearestNeighborIndex",
     "FeatureExtractor",
