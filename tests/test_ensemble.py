@@ -128,3 +128,23 @@ def test_invalid_members_are_rejected(textures, detectors, error, match):
     normal, _, _ = textures
     with pytest.raises(error, match=match):
         PatchCoreEnsemble(detectors).fit(normal[:10])
+
+
+def test_grid_search_chooses_member_parameters(textures):
+    from sklearn.model_selection import GridSearchCV
+
+    from skpatchcore.metrics import image_auroc_scorer
+
+    normal, defective, _ = textures
+    X = np.concatenate([normal, defective])
+    y = np.r_[np.zeros(len(normal)), np.ones(len(defective))].astype(int)
+    # Fit on 10 normal images; validate on the other normal and all defective ones.
+    split = [(np.arange(10), np.arange(10, len(X)))]
+    search = GridSearchCV(
+        PatchCoreEnsemble([("a", _member()), ("b", _member(layers=("layer2",)))]),
+        {"normalization": ["zscore", "max"], "b__image_size": [32, 48]},
+        scoring=image_auroc_scorer, cv=split,
+    ).fit(X, y)
+    assert len(search.cv_results_["params"]) == 4
+    assert search.best_score_ == 1.0
+    assert search.best_estimator_.detectors_[1].image_size == search.best_params_["b__image_size"]
