@@ -218,31 +218,10 @@ class PatchCoreEnsemble(OutlierMixin, BaseEstimator):
         member_scores = np.stack([-d.score_samples(X) for d in self.detectors_])
         return -self._fuse_scores(member_scores)
 
-    def decision_function(self, X) -> np.ndarray:
-        """``score_samples(X) - offset_``: negative for anomalies.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, H, W[, C]) or (n_samples, H*W*C)
-
-        Returns
-        -------
-        decision : ndarray of shape (n_samples,)
-        """
-        return self.score_samples(X) - self.offset_
-
-    def predict(self, X) -> np.ndarray:
-        """Whether each image is normal (+1) or anomalous (-1).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, H, W[, C]) or (n_samples, H*W*C)
-
-        Returns
-        -------
-        labels : ndarray of shape (n_samples,)
-        """
-        return np.where(self.decision_function(X) < 0, -1, 1)
+    # Thresholding is the detector's, applied to the fused scores and maps.
+    decision_function = PatchCoreDetector.decision_function
+    predict = PatchCoreDetector.predict
+    predict_masks = PatchCoreDetector.predict_masks
 
     def anomaly_maps(self, X, *, return_score_samples: bool = False):
         """Fused per-pixel anomaly maps at each input image's resolution.
@@ -277,23 +256,6 @@ class PatchCoreEnsemble(OutlierMixin, BaseEstimator):
         if not return_score_samples:
             return maps
         return maps, -self._fuse_scores(np.stack(member_scores))
-
-    def predict_masks(self, X, threshold: float | None = None) -> np.ndarray:
-        """Boolean defect masks: pixels whose fused map exceeds ``threshold``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, H, W[, C]) or (n_samples, H*W*C)
-        threshold : float, default=None
-            ``None`` uses ``pixel_threshold_`` (1.0).
-
-        Returns
-        -------
-        masks : ndarray of shape (n_samples, H, W), bool
-        """
-        check_is_fitted(self)
-        threshold = self.pixel_threshold_ if threshold is None else threshold
-        return self.anomaly_maps(X) > threshold
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
