@@ -39,8 +39,9 @@ def make_detector(name: str = "fast", **params):
         ``"fast"``: the paper's recipe on EfficientNet-Lite0 (256 px shorter
         side, coreset 10 %), the reference cost. ``"accurate"``: the same
         network at 512 px (shorter side) with a 2.5 % coreset, so the memory
-        bank keeps the fast preset's size; about 2.5x its fit and predict
-        time, and it finds defects that vanish at 256 px (see README).
+        bank keeps the fast preset's size; 2-5x its fit time and 3-4.5x its
+        predict time, and it finds defects that vanish at 256 px (see README;
+        it loses on images it has to enlarge, such as 256 px ones).
     **params
         :class:`~skpatchcore.PatchCoreDetector` parameters set on top of the
         preset (on every member of an ensemble), e.g. ``random_state=0`` or
