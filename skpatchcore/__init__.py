@@ -2,9 +2,11 @@
 
 from .coreset import GreedyCoresetSampler
 from .detector import PatchCoreDetector
+from .ensemble import PatchCoreEnsemble
 from .export import export_onnx
 from .features import (
     EfficientNetLite0Extractor,
+    EfficientNetLiteExtractor,
     FeatureExtractor,
     ModuleExtractor,
     TorchvisionExtractor,
@@ -18,12 +20,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PatchCoreDetector",
+    "PatchCoreEnsemble",
     "GreedyCoresetSampler",
     "NearestNeighborIndex",
     "FeatureExtractor",
     "TorchvisionExtractor",
     "ModuleExtractor",
     "EfficientNetLite0Extractor",
+    "EfficientNetLiteExtractor",
     "ImageReader",
     "TunedThresholdDetectorCV",
     "save",

@@ -34,9 +34,10 @@ from .detector import PatchCoreDetector
 from .display import AnomalyMapDisplay
 from .features import EfficientNetLite0Extractor, TorchvisionExtractor
 from .metrics import aupro, image_auroc, image_f1_max, pixel_auroc
+from .presets import PRESETS, make_detector
 from .progress import log
 
-__all__ = ["main", "format_results"]
+__all__ = ["main", "format_results", "find_categories"]
 
 #: How backbones are named in the tables (others appear as given).
 BACKBONE_TITLES = {
@@ -110,19 +111,34 @@ def _add_benchmark_command(subcommands) -> None:
     bench.add_argument(
         "--root", required=True, type=Path, help="folder holding the MVTec AD category folders"
     )
-    bench.add_argument(
+    which = bench.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--category",
-        required=True,
         nargs="+",
         action="extend",
-        help="category folder name(s), e.g. bottle; repeatable",
+        help="category folder(s) under --root, e.g. bottle or mvtec/bottle; repeatable",
     )
-    bench.add_argument(
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every category found: each folder with train/good, one or two levels "
+        "under --root",
+    )
+    model = bench.add_mutually_exclusive_group()
+    model.add_argument(
         "--backbone",
         nargs="+",
         action="extend",
         help="torchvision model name(s) or efficientnet_lite0; repeatable "
         "(default: wide_resnet50_2)",
+    )
+    model.add_argument(
+        "--config",
+        nargs="+",
+        action="extend",
+        choices=sorted(PRESETS),
+        help="named configuration(s) from skpatchcore.presets, one table row each; "
+        "their own settings replace --layers, --weights, --image-size and --coreset-ratio",
     )
     bench.add_argument(
         "--layers",
@@ -156,7 +172,14 @@ def _add_benchmark_command(subcommands) -> None:
     bench.add_argument(
         "--n-train",
         type=_positive_int,
-        help="fit on the first N training images only (default: all)",
+        help="fit on N training images drawn at random with --random-state, the same "
+        "ones for every configuration (default: all)",
+    )
+    bench.add_argument(
+        "--algorithm",
+        choices=("auto", "exact", "pynndescent"),
+        default="auto",
+        help="nearest-neighbour backend (default: auto)",
     )
     bench.add_argument("--random-state", type=int, default=0, help="seed (default: 0)")
     bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -209,16 +232,62 @@ def _log(args, message: str) -> None:
     log(message, args.verbose)
 
 
-def _evaluate(args, backbone: str, data) -> tuple[dict, np.ndarray, float]:
-    """Fit on ``data.train_images``, score the test split; return results, maps and pixel threshold."""
-    detector = PatchCoreDetector(
-        feature_extractor=_make_extractor(backbone, args.layers, args.weights),
-        image_size=args.image_size,
-        coreset_ratio=args.coreset_ratio,
+def find_categories(root) -> list[str]:
+    """Category folders under ``root``: those holding ``train/good``, one or two levels down.
+
+    Parameters
+    ----------
+    root : str or path-like
+
+    Returns
+    -------
+    categories : list of str
+        Paths relative to ``root`` with "/" separators (``"bottle"`` or
+        ``"mvtec/bottle"``), sorted.
+
+    Examples
+    --------
+    >>> from skpatchcore.cli import find_categories
+    >>> find_categories("../shared/data")  # doctest: +SKIP
+    ['kolektorsdd/commutator', 'mvtec/bottle', 'mvtec/screw', 'mvtec/transistor']
+    """
+    root = Path(root)
+    found = [p.parents[1] for pattern in ("*/train/good", "*/*/train/good") for p in root.glob(pattern)]
+    return sorted(p.relative_to(root).as_posix() for p in found if p.is_dir())
+
+
+def _make_detector(args, run: str):
+    """The detector of one table row: a ``--config`` preset or a ``--backbone``."""
+    common = dict(
+        algorithm=args.algorithm,
         random_state=args.random_state,
         device=args.device,
         verbose=args.verbose,
     )
+    if args.config:
+        return make_detector(run, **common)
+    return PatchCoreDetector(
+        feature_extractor=_make_extractor(run, args.layers, args.weights),
+        image_size=args.image_size,
+        coreset_ratio=args.coreset_ratio,
+        **common,
+    )
+
+
+def _training_subset(images: np.ndarray, n_train: int | None, random_state: int) -> np.ndarray:
+    """``n_train`` images drawn without replacement by a seeded choice, in file order."""
+    if n_train is None or n_train >= len(images):
+        return images
+    keep = np.random.RandomState(random_state).choice(len(images), n_train, replace=False)
+    return images[np.sort(keep)]
+
+
+def _evaluate(args, backbone: str, data) -> tuple[dict, np.ndarray, float]:
+    """Fit on ``data.train_images``, score the test split; return results, maps and pixel threshold.
+
+    Categories without masks (``data.test_masks`` None) get NaN pixel metrics.
+    """
+    detector = _make_detector(args, backbone)
     _log(args, f"[{data.category}] {backbone}: fitting on {len(data.train_images)} images")
     start = time.perf_counter()
     detector.fit(data.train_images)
@@ -231,13 +300,14 @@ def _evaluate(args, backbone: str, data) -> tuple[dict, np.ndarray, float]:
 
     # score_samples is higher for normal images; the metrics want anomaly scores.
     scores = -score_samples
+    masks = data.test_masks
     result = {
         "backbone": backbone,
         "category": data.category,
         "image_auroc": image_auroc(data.test_labels, scores),
-        "pixel_auroc": pixel_auroc(data.test_masks, maps),
+        "pixel_auroc": np.nan if masks is None else pixel_auroc(masks, maps),
         "image_f1": image_f1_max(data.test_labels, scores),
-        "aupro": aupro(data.test_masks, maps),
+        "aupro": np.nan if masks is None else aupro(masks, maps),
         "fit_time_s": fit_time,
         "predict_time_ms": 1000 * predict_time / len(data.test_images),
         "peak_memory_mib": _peak_memory_mib(),
@@ -251,15 +321,22 @@ def _run_benchmark(args) -> int:
     if args.heatmaps and args.output is None:
         print("skpatchcore benchmark: error: --heatmaps needs --output", file=sys.stderr)
         return 2
-    backbones = args.backbone or ["wide_resnet50_2"]
+    runs = args.config or args.backbone or ["wide_resnet50_2"]
+    categories = find_categories(args.root) if args.all else args.category
+    if not categories:
+        print(
+            f"skpatchcore benchmark: error: no category (a folder with train/good) found "
+            f"one or two levels under {args.root}",
+            file=sys.stderr,
+        )
+        return 1
     results = []
     try:
-        for category in args.category:
+        for category in categories:
             _log(args, f"[{category}] loading from {args.root}")
             data = load_mvtec(args.root, category, image_size=args.load_size or None)
-            if args.n_train is not None:
-                data.train_images = data.train_images[: args.n_train]
-            for backbone in backbones:
+            data.train_images = _training_subset(data.train_images, args.n_train, args.random_state)
+            for backbone in runs:
                 result, maps, threshold = _evaluate(args, backbone, data)
                 results.append(result)
                 if args.heatmaps:
@@ -285,7 +362,8 @@ def _run_benchmark(args) -> int:
 
 
 def _title(category: str) -> str:
-    return category.replace("_", " ").title()
+    """Column title: the category folder's own name, e.g. "mvtec/metal_nut" -> "Metal Nut"."""
+    return category.rsplit("/", 1)[-1].replace("_", " ").title()
 
 
 def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -305,6 +383,17 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
     return [line(header), rule] + [line(row) for row in rows]
 
 
+def _mean(values) -> float | None:
+    """Mean over the categories that have the metric; None when none has it."""
+    values = np.asarray(values, dtype=float)
+    return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else None
+
+
+def _mean_cell(values, fmt: str) -> str:
+    mean = _mean(values)
+    return "-" if mean is None else fmt.format(mean)
+
+
 def format_results(results: Sequence[dict]) -> str:
     """Benchmark results as Markdown tables, one per metric.
 
@@ -320,7 +409,9 @@ def format_results(results: Sequence[dict]) -> str:
     -------
     text : str
         A ``### <metric>`` heading and a table per metric: one row per
-        backbone, columns ``Avg`` (mean over categories) and each category.
+        backbone or configuration, columns ``Avg`` (mean over the categories
+        that have the metric) and each category. A missing run or metric
+        (pixel metrics of a category without masks) prints "-".
 
     Examples
     --------
@@ -349,7 +440,7 @@ def format_results(results: Sequence[dict]) -> str:
             ]
             cells = [fmt.format(v) if np.isfinite(v) else "-" for v in values]
             rows.append(
-                [BACKBONE_TITLES.get(backbone, backbone), fmt.format(np.nanmean(values)), *cells]
+                [BACKBONE_TITLES.get(backbone, backbone), _mean_cell(values, fmt), *cells]
             )
         blocks.append("\n".join([f"### {title}", "", *_markdown_table(header, rows)]))
     return "\n\n".join(blocks)
@@ -369,12 +460,14 @@ def _write_results(args, results: Sequence[dict]) -> None:
     settings["backbone"] = list(dict.fromkeys(r["backbone"] for r in results))
     averages = {
         backbone: {
-            key: float(np.mean([r[key] for r in results if r["backbone"] == backbone]))
+            key: _mean([r[key] for r in results if r["backbone"] == backbone])
             for key, _, _ in _TABLES
         }
         for backbone in settings["backbone"]
     }
-    document = {"settings": settings, "results": list(results), "averages": averages}
+    # NaN (pixel metrics of mask-less categories) is not JSON: written as null.
+    results = [{k: None if v is not None and v != v else v for k, v in r.items()} for r in results]
+    document = {"settings": settings, "results": results, "averages": averages}
     (args.output / "results.json").write_text(json.dumps(document, indent=2) + "\n")
 
 
@@ -384,7 +477,8 @@ def _save_heatmaps(folder: Path, data, maps: np.ndarray, threshold: float) -> No
     Drawn by :class:`~skpatchcore.display.AnomalyMapDisplay`; the maps share
     one colour scale per category (its test maps' min to max), so colours
     compare across images. The predicted defect (map above the detector's
-    ``pixel_threshold_``) is outlined in white, the ground truth in green.
+    ``pixel_threshold_``) is outlined in white, the ground truth, where the
+    category has masks, in green.
     """
     import matplotlib
 
@@ -393,16 +487,17 @@ def _save_heatmaps(folder: Path, data, maps: np.ndarray, threshold: float) -> No
 
     folder.mkdir(parents=True, exist_ok=True)
     scale = {"vmin": float(maps.min()), "vmax": float(maps.max())}
+    masks = data.test_masks if data.test_masks is not None else [None] * len(maps)
     for image, heat, mask, defect, filename in zip(
         data.test_images,
         maps,
-        data.test_masks,
+        masks,
         data.test_defect_types,
         data.test_filenames,
         strict=True,
     ):
         display = AnomalyMapDisplay.from_predictions(
-            image[None], heat[None], threshold=threshold, masks=mask[None], **scale
+            image[None], heat[None], threshold=threshold, masks=None if mask is None else mask[None], **scale
         )
         display.figure_.savefig(folder / f"{defect}_{Path(filename).stem}.png", dpi=80)
         plt.close(display.figure_)

@@ -205,7 +205,9 @@ def load_mvtec(root, category: str, *, split=None, image_size=None, return_paths
     ``root/category/test/<defect_type>/*.png`` (``good`` for normal test
     images) and ``root/category/ground_truth/<defect_type>/<name>_mask.png``
     (one per defective test image; nonzero = defect). Normal images get
-    all-False masks.
+    all-False masks. A category with no ``ground_truth`` folder at all is
+    read in classification (mask-less) mode: labels only, ``test_masks`` is
+    None.
 
     Parameters
     ----------
@@ -246,8 +248,9 @@ def load_mvtec(root, category: str, *, split=None, image_size=None, return_paths
             ``return_paths=True``: shape (n_test,), str, the file paths.
         test_labels : ndarray of shape (n_test,), int64
             0 for good images, 1 for defective ones.
-        test_masks : ndarray of shape (n_test, H, W), bool
-            Defect masks; all False for good images.
+        test_masks : ndarray of shape (n_test, H, W), bool, or None
+            Defect masks; all False for good images. None for a category
+            without a ``ground_truth`` folder (image-level labels only).
         test_defect_types : ndarray of shape (n_test,), str
             The test sub-folder of each image (``"good"`` or a defect name).
         test_filenames : ndarray of shape (n_test,), str
@@ -313,25 +316,29 @@ def load_mvtec(root, category: str, *, split=None, image_size=None, return_paths
                 f"No test sub-folders found in {test_dir}: expected 'good' and one "
                 "folder per defect type."
             )
+        # No ground_truth folder at all: a classification-only category.
+        with_masks = (base / "ground_truth").is_dir()
         files, types, mask_files = [], [], []
         for defect in defect_types:
             defect_files = _list_images(test_dir / defect)
             files += defect_files
             types += [defect] * len(defect_files)
-            if defect == "good":
+            if defect == "good" or not with_masks:
                 mask_files += [None] * len(defect_files)
                 continue
             mask_dir = _check_dir(base / "ground_truth" / defect, "Ground-truth mask")
             mask_files += [_require_mask(mask_dir, path) for path in defect_files]
         data.test_images, shape = _load_images(files, size, return_paths)
         data.test_labels = np.array([t != "good" for t in types], dtype=np.int64)
-        data.test_masks = _read_masks(files, mask_files, shape, size)
+        data.test_masks = _read_masks(files, mask_files, shape, size) if with_masks else None
         data.test_defect_types = np.array(types)
         data.test_filenames = np.array([str(p) for p in files])
         description.append(
             f"{len(files)} test images ({int(data.test_labels.sum())} defective; "
             f"types: {', '.join(defect_types)})"
         )
+        if not with_masks:
+            description.append("no ground_truth folder: image-level labels only")
     if size is not None:
         description.append(f"resized to {size[0]}x{size[1]} (height x width)")
     data.DESCR = "; ".join(description) + "."

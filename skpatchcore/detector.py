@@ -90,6 +90,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     crop_size : int, (height, width) or None, default=None
         Centre crop after resizing (the paper crops 224 from 256). Map pixels
         outside the crop are 0. ``None`` sees the whole image.
+    tile_size : int, (height, width) or None, default=None
+        Run the network on tiles of this size (each side a multiple of the
+        backbone's stride, 8 for the usual layers) cut from the resized
+        image, and stitch their patch grids into one grid per image: full
+        resolution (e.g. ``image_size=None``) with memory bounded by
+        ``batch_size`` tiles. ``None`` feeds whole images.
+    tile_overlap : int, default=32
+        Minimum overlap of neighbouring tiles in pixels; cells near a tile's
+        border are taken from its neighbour. Used with ``tile_size`` only.
     embedding_dim : int or None, default=1024
         Patch feature dimension after channel pooling (the authors' 1024);
         features with fewer channels are kept as they are.
@@ -248,6 +257,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         "feature_extractor": [str, FeatureExtractor],
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "tile_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "tile_overlap": [Interval(Integral, 0, None, closed="left")],
         "embedding_dim": [Interval(Integral, 1, None, closed="left"), None],
         "coreset_ratio": [Interval(Real, 0, 1, closed="right")],
         "coreset_method": [StrOptions({"accelerated", "greedy"})],
@@ -272,6 +283,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         feature_extractor="wide_resnet50_2",
         image_size=256,
         crop_size=None,
+        tile_size=None,
+        tile_overlap=32,
         embedding_dim=1024,
         coreset_ratio=0.1,
         coreset_method="accelerated",
@@ -292,6 +305,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self.feature_extractor = feature_extractor
         self.image_size = image_size
         self.crop_size = crop_size
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
         self.embedding_dim = embedding_dim
         self.coreset_ratio = coreset_ratio
         self.coreset_method = coreset_method
@@ -330,7 +345,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self : PatchCoreDetector
             Fitted. A failed fit raises before changing any fitted attribute.
         """
-        for name in ("image_size", "crop_size"):
+        for name in ("image_size", "crop_size", "tile_size"):
             value = getattr(self, name)
             if value is not None and not _size_spec(value):
                 raise ValueError(
@@ -422,7 +437,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         return cached_patch_embeddings(
             self.memory, self.feature_extractor, net, images, size=size, box=box,
             embedding_dim=self.embedding_dim, batch_size=self.batch_size, device=device,
-            verbose=self.verbose,
+            tile_size=self.tile_size, tile_overlap=self.tile_overlap, verbose=self.verbose,
         )
 
     def _extract_for_fit(self, net, images, size, box, device, coreset_seed, folder):

@@ -75,7 +75,8 @@ def extractor_token(extractor: str | FeatureExtractor) -> str:
 
 
 def _all_patch_embeddings(
-    net, images, *, size, box, embedding_dim, batch_size, device, verbose, extractor, device_type
+    net, images, *, size, box, embedding_dim, tile_size, tile_overlap, batch_size, device,
+    verbose, extractor, device_type,
 ) -> np.ndarray:
     """All patch features ``(n, h, w, D)`` in one float32 array.
 
@@ -83,8 +84,8 @@ def _all_patch_embeddings(
     """
     out = None
     batches = iter_patch_embeddings(
-        net, images, size=size, box=box, embedding_dim=embedding_dim,
-        batch_size=batch_size, device=device,
+        net, images, size=size, box=box, embedding_dim=embedding_dim, batch_size=batch_size,
+        device=device, tile_size=tile_size, tile_overlap=tile_overlap,
     )
     for batch, patches in _with_progress(batches, len(images), verbose):
         if out is None:
@@ -104,6 +105,8 @@ def cached_patch_embeddings(
     embedding_dim: int | None,
     batch_size: int,
     device="cpu",
+    tile_size=None,
+    tile_overlap: int = 32,
     verbose=0,
 ):
     """:func:`~skpatchcore.features.iter_patch_embeddings`, cached in ``memory``.
@@ -120,7 +123,7 @@ def cached_patch_embeddings(
         The loaded network, run only on a cache miss.
     images : ndarray of shape (n, H, W, C)
         From :func:`~skpatchcore.images.check_images`; keyed on their bytes.
-    size, box, embedding_dim, batch_size, device
+    size, box, embedding_dim, batch_size, device, tile_size, tile_overlap
         As for ``iter_patch_embeddings``; ``batch_size`` is not part of the
         key, the device's type is.
     verbose : int, default=0
@@ -138,7 +141,8 @@ def cached_patch_embeddings(
         yield from _with_progress(
             iter_patch_embeddings(
                 net, images, size=size, box=box, embedding_dim=embedding_dim,
-                batch_size=batch_size, device=device,
+                batch_size=batch_size, device=device, tile_size=tile_size,
+                tile_overlap=tile_overlap,
             ),
             len(images), verbose,
         )
@@ -146,6 +150,7 @@ def cached_patch_embeddings(
     compute = memory.cache(_all_patch_embeddings, ignore=["net", "batch_size", "device", "verbose"])
     key = dict(
         size=tuple(size), box=tuple(box), embedding_dim=embedding_dim,
+        tile_size=tile_size, tile_overlap=tile_overlap if tile_size is not None else None,
         extractor=extractor_token(extractor), device_type=torch.device(device).type,
     )
     if verbose and compute.check_call_in_cache(net, images, batch_size=batch_size, device=device, verbose=0, **key):

