@@ -27,8 +27,9 @@ from .scoring import image_scores, max_patches, reweighted_scores
 
 __all__ = ["PatchCoreDetector"]
 
-# Float16 patch features up to this size stay in memory during fit; larger ones
-# are memory-mapped in a temporary folder (removed when fit ends).
+# Patch features up to this size (in float32) stay in memory during fit, exact;
+# larger ones are kept in float16, memory-mapped in a temporary folder (removed
+# when fit ends).
 _IN_MEMORY_FEATURE_BYTES = 1 << 30
 
 
@@ -441,15 +442,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         )
 
     def _extract_for_fit(self, net, images, size, box, device, coreset_seed, folder):
-        """Stream the training images' patch features into a compact store.
+        """Stream the training images' patch features into a store.
 
-        Each batch is kept in float16 (memory-mapped in ``folder`` when large)
-        and projected for the coreset as it comes, so that no float32 copy of
-        all the features ever exists.
+        Each batch is kept (in float32 while that fits ``_IN_MEMORY_FEATURE_BYTES``;
+        beyond, in float16 memory-mapped in ``folder``) and projected for the
+        coreset as it comes, so that large sets never exist in float32.
 
         Returns
         -------
-        features : ndarray or memmap of shape (n, h, w, D), float16
+        features : ndarray of shape (n, h, w, D), float32, or memmap, float16
         projected : ProjectedRows
             Filled with every patch, ready to select the coreset.
         """
@@ -458,7 +459,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             for batch, patches in self._patch_batches(net, images, size, box, device):
                 if features is None:
                     features, projected = self._allocate_for_fit(len(images), patches, coreset_seed, folder)
-                features[batch] = patches.to(torch.float16).cpu().numpy()
+                features[batch] = patches.cpu().numpy()  # cast to the store's dtype
                 projected.add(patches.reshape(-1, patches.shape[-1]))
         except RuntimeError as exc:
             if "size" not in str(exc).lower():
@@ -470,7 +471,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         return features, projected
 
     def _allocate_for_fit(self, n_images, first_batch, coreset_seed, folder):
-        """The float16 feature store and the coreset's projected copy, sized on the first batch."""
+        """The feature store and the coreset's projected copy, sized on the first batch."""
         _, h, w, dim = first_batch.shape
         if min(h, w) < 3:
             # The 3x3 neighbourhood aggregation needs a grid to aggregate over.
@@ -487,19 +488,18 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 "images, a larger image_size or coreset_ratio, or a smaller n_neighbors."
             )
         projection_dim = dim if self.projection_dim is None else min(self.projection_dim, dim)
-        store_bytes = 2 * n_patches * dim
-        in_memory = store_bytes <= _IN_MEMORY_FEATURE_BYTES
+        in_memory = 4 * n_patches * dim <= _IN_MEMORY_FEATURE_BYTES
         check_fits_in_memory(
             {
                 "the coreset's projected features": 4 * n_patches * projection_dim,
                 "the memory bank": 4 * n_bank * dim,
-                "float16 patch features": store_bytes if in_memory else 0,
+                "patch features": 4 * n_patches * dim if in_memory else 0,
             },
             "Lower coreset_ratio, projection_dim or image_size, or fit on fewer images.",
         )
         shape = (n_images, h, w, dim)
         if in_memory:
-            features = np.empty(shape, dtype=np.float16)
+            features = np.empty(shape, dtype=np.float32)
         else:
             path = os.path.join(folder, "features.npy")
             features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
