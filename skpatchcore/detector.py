@@ -139,8 +139,11 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     image_shape : (H, W) or (H, W, C), default=None
         Shape of one image when ``X`` is 2-D (flattened images); one entry
         may be -1 and is inferred from the row length.
-    batch_size : int, default=16
-        Images per forward pass; bounds the memory of activations.
+    batch_size : int, default=4
+        Images per forward pass; bounds the memory of activations. Small
+        batches keep a CPU's activations in cache: EfficientNet-Lite0 at 256²
+        on 2 cores took 20-26 ms per image in batches of 1 to 4 and 47 ms in
+        batches of 16. On a GPU, larger batches (32 and more) pay.
     device : str or torch.device, default="cpu"
         Where the network and the exact neighbour search run ("cuda" when
         available). Read by each call, so a fitted detector scores wherever
@@ -296,7 +299,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         max_threshold_images=100,
         sigma=4.0,
         image_shape=None,
-        batch_size=16,
+        batch_size=4,
         device="cpu",
         n_jobs=None,
         random_state=None,
