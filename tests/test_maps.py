@@ -34,3 +34,14 @@ def test_outside_a_centre_crop_is_zero():
     maps = anomaly_maps(scores, model_size=(20, 20), box=(4, 4, 12, 12), output_size=(20, 20), sigma=0)
     assert float(maps[0, :4].abs().max()) == 0.0
     assert torch.allclose(maps[0, 4:16, 4:16], torch.ones(12, 12))
+
+
+def test_separable_blur_equals_torchvisions_2d_gaussian_blur():
+    from torchvision.transforms.v2.functional import gaussian_blur as reference
+
+    from skpatchcore.maps import gaussian_blur
+
+    maps = torch.rand(3, 1, 40, 56, generator=torch.Generator().manual_seed(0))
+    for sigma, radius in ((4.0, 16), (1.5, 6), (4.0, 5)):
+        want = reference(maps, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
+        torch.testing.assert_close(gaussian_blur(maps, sigma, radius), want, rtol=1e-5, atol=1e-6)
