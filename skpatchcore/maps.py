@@ -56,12 +56,14 @@ def anomaly_maps(
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
-    """Gaussian smoothing of ``(n, 1, H, W)`` maps, reflect-padded, as two 1-D passes.
+    """Gaussian smoothing of ``(n, 1, H, W)`` maps, reflect-padded, as two banded products.
 
     The same kernel (normalised samples of the Gaussian at ``-radius..radius``)
-    and padding as torchvision's ``gaussian_blur``, which convolves with the
-    full 2-D kernel: for sigma 4 (a 33-tap kernel) the separable passes do
-    16 times less work, and made 256 x 256 maps 20 times faster here.
+    and padding as torchvision's ``gaussian_blur``, applied along rows and
+    columns as matrix products with banded matrices. torchvision convolves
+    with the full 2-D kernel, and on the CPU that convolution unfolds its
+    input: for 100 maps of 256 x 256 and sigma 4 it took 550 MB and 4 times
+    longer; these products need no more than the maps themselves.
 
     Parameters
     ----------
@@ -77,6 +79,15 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, radius: int) -> torch.Tensor
     offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, -1, 1))
-    return F.conv2d(rows, kernel.view(1, 1, 1, -1))
+    padded = F.pad(maps, (radius, radius, radius, radius), mode="reflect")[:, 0]
+    height, width = maps.shape[-2:]
+    return (_banded(kernel, height) @ padded @ _banded(kernel, width).T)[:, None]
+
+
+def _banded(kernel: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n, n + len(kernel) - 1)`` matrix whose row ``i`` holds ``kernel`` from column ``i``."""
+    band = kernel.new_zeros(n, n + len(kernel) - 1)
+    rows = torch.arange(n, device=kernel.device)
+    for offset, weight in enumerate(kernel):
+        band[rows, rows + offset] = weight
+    return band
