@@ -387,7 +387,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             start = time.perf_counter()
             coreset, _ = projected.select(self.coreset_ratio, method=self.coreset_method)
             del projected
-            bank = features.reshape(-1, dim)[coreset].astype(np.float32)
+            bank = features.reshape(-1, dim)[coreset].astype(np.float32, copy=False)
             self._log(f"coreset of {len(bank)} entries", start)
 
             start = time.perf_counter()
@@ -400,7 +400,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             start = time.perf_counter()
             held_out = self._threshold_images(n_images, int(threshold_seed))
             loo_scores, loo_maps = self._leave_one_out(
-                features[held_out].astype(np.float32), held_out, bank, coreset // (h * w), size, box
+                features[held_out].astype(np.float32, copy=False), held_out, bank, coreset // (h * w), size, box
             )
             del features
             self._log(f"leave-one-image-out thresholds of {len(held_out)} images", start)
