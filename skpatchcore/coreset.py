@@ -17,7 +17,14 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._device import check_device
 
-__all__ = ["GreedyCoresetSampler", "ProjectedRows", "coreset_size", "k_center_greedy"]
+__all__ = [
+    "GreedyCoresetSampler",
+    "ProjectedRows",
+    "coreset_size",
+    "covering_radius",
+    "k_center_greedy",
+    "merge_coresets",
+]
 
 # Minimum squared distance of the points already chosen: below every real squared
 # distance, so they are never picked again, even when only duplicates remain.
@@ -79,24 +86,26 @@ def _pairwise_sq(A, A_sq, B, B_sq):
     return torch.addmm(A_sq[:, None], A, B.T, alpha=-2).add_(B_sq).clamp_(min=0)
 
 
-def _plain_greedy(Z, n_centers, start, verbose):
-    """Greedy k-center as in PatchCore Alg. 1: one pass over ``Z`` per centre."""
+def _plain_greedy(Z, n_centers, initial, verbose):
+    """Greedy k-center as in PatchCore Alg. 1: one pass over ``Z`` per centre.
+
+    ``initial`` (int64 tensor) holds the first centres, taken as they are.
+    """
     n = len(Z)
     min_sq = torch.full((n,), math.inf, device=Z.device)
     dist, scratch = torch.empty(n, device=Z.device), _scratch(Z)
     selected = torch.empty(n_centers, dtype=torch.long, device=Z.device)
     report = _Progress(n_centers, verbose)
-    idx = start
     for i in range(n_centers):
+        idx = int(initial[i]) if i < len(initial) else int(min_sq.argmax())  # first among ties
         selected[i] = idx
         torch.minimum(min_sq, _distances_to(Z, Z[idx].float(), dist, scratch), out=min_sq)
         min_sq[idx] = _SELECTED
-        idx = int(min_sq.argmax())  # first index among ties
         report(i + 1, min_sq)
     return selected, min_sq
 
 
-def _accelerated_greedy(Z, n_centers, start, verbose):
+def _accelerated_greedy(Z, n_centers, initial, verbose):
     """Same sequence as :func:`_plain_greedy`, with most of its work pruned.
 
     Each round takes the ``block`` farthest points, ordered as the plain
@@ -109,9 +118,11 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
     ``d(p, c) >= 2 r`` rules x out) and the distance on the leading 16, then
     32, columns, lower bounds that are tight when those are the principal
     axes (as :class:`ProjectedRows` arranges). Survivors get the exact distance,
-    computed as the plain method does.
+    computed as the plain method does. The centres given in ``initial`` go
+    through the same update, in blocks, before the greedy picks.
     """
     n, dim = Z.shape
+    start = int(initial[0])
     device = Z.device
     sq_norms = _sq_norms(Z)
     # Bounds use |a|^2 - 2 a.b + |b|^2 by matrix products; this covers their rounding.
@@ -135,20 +146,12 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
 
     t, block = 1, _MIN_BLOCK
     while t < n_centers:
-        far_sq, far = torch.topk(min_sq, min(block, n_centers - t))
-        far, order = torch.sort(far)
-        far_sq, order = torch.sort(far_sq.index_select(0, order), descending=True, stable=True)
-        far = far.index_select(0, order)
-        C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
-        # Stop before a pick an earlier one may move, or whose tie group topk may have cut.
-        stop = (_pairwise_sq(C, C_sq, C, C_sq) < far_sq[:, None] + tol).tril_(-1).any(1)
-        stop |= far_sq == far_sq[-1]
-        stops = stop[1:].nonzero()
-        size = 1 + int(stops[0]) if len(stops) else len(far)
-        if size == 1:  # the plain argmax, whatever topk's ties
-            far = min_sq.argmax().view(1)
+        if t < len(initial):  # given centres: nothing to choose, only the update below
+            far = initial[t : min(len(initial), t + _MAX_BLOCK)]
+            size = len(far)
             C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
-        far, C, C_sq = far[:size], C[:size], C_sq[:size]
+        else:
+            far, C, C_sq, size = _next_picks(Z, sq_norms, min_sq, min(block, n_centers - t), tol)
 
         # Triangle inequality through each point's nearest centre p, for the closest new
         # centre; d(p, c) is itself bounded below on the fine coordinates, 4x cheaper.
@@ -195,6 +198,25 @@ def _accelerated_greedy(Z, n_centers, start, verbose):
         block = min(_MAX_BLOCK, max(_MIN_BLOCK, 2 * size))
         report(t, min_sq)
     return selected, min_sq
+
+
+def _next_picks(Z, sq_norms, min_sq, block, tol):
+    """The next greedy picks: the longest prefix of the ``block`` farthest points that
+    provably equals the plain method's next choices. Returns ``far, C, C_sq, size``."""
+    far_sq, far = torch.topk(min_sq, block)
+    far, order = torch.sort(far)
+    far_sq, order = torch.sort(far_sq.index_select(0, order), descending=True, stable=True)
+    far = far.index_select(0, order)
+    C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
+    # Stop before a pick an earlier one may move, or whose tie group topk may have cut.
+    stop = (_pairwise_sq(C, C_sq, C, C_sq) < far_sq[:, None] + tol).tril_(-1).any(1)
+    stop |= far_sq == far_sq[-1]
+    stops = stop[1:].nonzero()
+    size = 1 + int(stops[0]) if len(stops) else len(far)
+    if size == 1:  # the plain argmax, whatever topk's ties
+        far = min_sq.argmax().view(1)
+        C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
+    return far[:size], C[:size], C_sq[:size], size
 
 
 def _min_pairwise_sq(A, A_sq, B, B_sq):
@@ -280,7 +302,12 @@ def coreset_size(coreset_ratio: float, n_samples: int) -> int:
 
 
 def k_center_greedy(
-    Z: torch.Tensor, n_centers: int, start: int, *, method: str = "accelerated", verbose: int = 0
+    Z: torch.Tensor,
+    n_centers: int,
+    start,
+    *,
+    method: str = "accelerated",
+    verbose: int = 0,
 ) -> tuple[torch.Tensor, float]:
     """Greedy k-center selection on the rows of ``Z`` (PatchCore Alg. 1).
 
@@ -294,8 +321,12 @@ def k_center_greedy(
         same result.
     n_centers : int
         Number of points to select, in ``[1, n_samples]``.
-    start : int
-        Index of the first centre.
+    start : int or array-like of int
+        Index of the first centre; or indices of the first centres, distinct,
+        taken as they are before the greedy picks continue from them (how
+        :meth:`PatchCoreDetector.partial_fit` extends a memory bank). Greedy
+        is memoryless: continuing from the first ``m`` centres of a greedy
+        run repeats the rest of that run.
     method : {"accelerated", "greedy"}, default="accelerated"
         ``"greedy"`` makes one pass over ``Z`` per centre; ``"accelerated"``
         selects the same sequence with bounds that skip most of the work; see
@@ -306,21 +337,152 @@ def k_center_greedy(
     Returns
     -------
     indices : torch.Tensor of shape (n_centers,), int64
-        Selected rows, in selection order.
+        Selected rows, in selection order (``start`` first).
     radius : float
         Coverage radius: largest distance of a row to its nearest selected row.
     """
     if method not in ("accelerated", "greedy"):
         raise ValueError(f"method must be 'accelerated' or 'greedy'; got {method!r}.")
-    if not 1 <= n_centers <= len(Z) or not 0 <= start < len(Z):
+    initial = np.atleast_1d(np.asarray(start))
+    if (
+        initial.ndim != 1
+        or not np.issubdtype(initial.dtype, np.integer)
+        or not 1 <= len(initial) <= n_centers <= len(Z)
+        or initial.min() < 0
+        or initial.max() >= len(Z)
+        or len(np.unique(initial)) != len(initial)
+    ):
         raise ValueError(
-            f"Expected 1 <= n_centers <= {len(Z)} and 0 <= start < {len(Z)} for {len(Z)} rows; "
-            f"got n_centers={n_centers}, start={start}."
+            f"Expected 1 <= n_centers <= {len(Z)} and start one index, or distinct indices, "
+            f"in [0, {len(Z)}) for {len(Z)} rows, at most n_centers of them; got "
+            f"n_centers={n_centers}, start={start if initial.size <= 8 else initial.shape}."
         )
+    initial = torch.as_tensor(initial, dtype=torch.long, device=Z.device)
     run = _accelerated_greedy if method == "accelerated" else _plain_greedy
     with _one_cpu_thread(Z.device):
-        indices, min_sq = run(Z, n_centers, start, verbose)
+        indices, min_sq = run(Z, n_centers, initial, verbose)
     return indices, math.sqrt(max(float(min_sq.max()), 0.0))
+
+
+def covering_radius(X, centres, *, device="cpu") -> float:
+    """Covering radius of ``centres`` over the rows of ``X``, exact.
+
+    The largest distance of a row of ``X`` to its nearest row of
+    ``centres``: how far the worst-covered training patch lies from the
+    memory bank, in the full feature space. This is the quantity greedy
+    k-center minimises (approximately, on a projection); it is the measure by
+    which the sharded fit, :meth:`PatchCoreDetector.partial_fit` and a
+    refit are compared.
+
+    Parameters
+    ----------
+    X : array-like or torch.Tensor of shape (n_samples, n_features)
+        Points to cover, e.g. all training patch features.
+    centres : array-like or torch.Tensor of shape (n_centres, n_features)
+        E.g. ``memory_bank_``.
+    device : str or torch.device, default="cpu"
+        Where the exact search runs.
+
+    Returns
+    -------
+    radius : float
+        ``max_i min_j ||X_i - centres_j||``, from the exact search's float32
+        expansion (near-duplicate pairs read up to about ``5e-4 * ||x||``
+        instead of 0; the maximum is set by far pairs, where it is exact to
+        float32 rounding).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore.coreset import covering_radius
+    >>> covering_radius(np.array([[0.0, 0.0], [3.0, 4.0]]), np.array([[0.0, 0.0]]))
+    5.0
+    """
+    from .neighbors import exact_kneighbors
+
+    distances, _ = exact_kneighbors(X, centres, 1, device=device)
+    return float(distances.max())
+
+
+def merge_coresets(
+    parts,
+    n_selected: int,
+    *,
+    projection_dim: int | None = 128,
+    random_state=None,
+    method: str = "accelerated",
+    device="cpu",
+) -> tuple[np.ndarray, float]:
+    """One greedy k-center pass over the union of coresets (composable coresets).
+
+    The second step of a sharded coreset: each shard of the data keeps the
+    greedy ``n_selected``-center coreset of its own rows (all its rows if it
+    has fewer), and this pass selects ``n_selected`` rows from the union of
+    those. ``random_state`` must be the one the shards projected with, so
+    that both steps measure distances in one space.
+
+    Parameters
+    ----------
+    parts : sequence of array-like of shape (n_i, n_features)
+        The shards' coreset rows, in full features.
+    n_selected : int
+        Rows to keep, at most the union's size.
+    projection_dim : int or None, default=128
+        As :class:`ProjectedRows`; ``None`` selects on the features as they are.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the projection (as the shards') and the first selected row.
+    method : {"accelerated", "greedy"}, default="accelerated"
+    device : str or torch.device, default="cpu"
+
+    Returns
+    -------
+    indices : ndarray of shape (n_selected,), int64
+        Selected rows of the concatenation of ``parts``, in selection order.
+    radius : float
+        Covering radius of the selection over the union, in the space it was
+        selected in.
+
+    Notes
+    -----
+    **Bound.** Let ``OPT`` be the smallest radius with which ``k =
+    n_selected`` balls (centred anywhere) cover all the rows ``P``, in the
+    selection space. A shard ``P_i`` is covered by the same balls, and greedy
+    k-center is a 2-approximation (Gonzalez, 1985), so every row lies within
+    ``r_i <= 2 OPT`` of its shard's coreset ``C_i``. The union ``U`` of the
+    ``C_i`` is part of ``P``, so the greedy pass over it covers ``U`` within
+    ``r_U <= 2 OPT``. By the triangle inequality every row lies within
+
+        ``max_i r_i + r_U <= 4 OPT``
+
+    of the final coreset: at most 4 times the optimum, and at most 4 times the
+    radius of greedy on all rows at once (which is at least ``OPT``). The
+    middle term is an a-posteriori bound: both radii are known once the passes
+    have run. With one shard the pass returns the shard's own selection order,
+    so the result is the single greedy selection.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skpatchcore.coreset import merge_coresets
+    >>> rows = np.random.RandomState(0).normal(size=(40, 8)).astype(np.float32)
+    >>> indices, radius = merge_coresets([rows[:20], rows[20:]], 5, projection_dim=None, random_state=0)
+    >>> indices.shape
+    (5,)
+    """
+    parts = [np.asarray(part, dtype=np.float32) for part in parts]
+    n_union = sum(len(part) for part in parts)
+    if not 1 <= n_selected <= n_union:
+        raise ValueError(f"n_selected must lie in [1, {n_union}], the union's size; got {n_selected}.")
+    device = check_device(device)
+    with _one_cpu_thread(device):
+        stream = ProjectedRows(
+            n_union, parts[0].shape[1], projection_dim=projection_dim, dtype="float32",
+            random_state=random_state, device=device,
+        )
+        for part in parts:
+            for rows in _batches(len(part), _CHUNK_ROWS):
+                stream.add(torch.from_numpy(part[rows]))
+        return stream.select(n_selected=n_selected, method=method)
 
 
 class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
@@ -595,24 +757,53 @@ class ProjectedRows:
         self.Z[self._filled : stop] = rows if self._matrix is None else rows @ self._matrix
         self._filled = stop
 
-    def select(self, coreset_ratio: float, *, method: str = "accelerated", verbose: int = 0):
+    def select(
+        self,
+        coreset_ratio: float | None = None,
+        *,
+        n_selected: int | None = None,
+        initial=None,
+        method: str = "accelerated",
+        verbose: int = 0,
+    ):
         """Greedy k-center selection on the rows added (all of them must be).
+
+        Parameters
+        ----------
+        coreset_ratio : float in (0, 1], default=None
+            Fraction of the rows to select, counted by :func:`coreset_size`.
+        n_selected : int, default=None
+            Number of rows to select instead of ``coreset_ratio`` (exactly one
+            of the two is given).
+        initial : array-like of int, default=None
+            Rows selected already: the selection starts with them, in this
+            order, and continues greedily (see :func:`k_center_greedy`).
+            None starts from a seeded random row.
+        method : {"accelerated", "greedy"}, default="accelerated"
+        verbose : int, default=0
 
         Returns
         -------
         indices : ndarray of shape (n_selected,), int64
-            Selected rows, in selection order, ``n_selected`` given by
-            :func:`coreset_size`.
+            Selected rows, in selection order (``initial`` first).
         radius : float
             Coverage radius in the projected space; 0 when every row is kept.
         """
         n_samples = len(self.Z)
         if self._filled != n_samples:
             raise ValueError(f"{self._filled} rows were added, {n_samples} were announced.")
+        if (coreset_ratio is None) == (n_selected is None):
+            raise ValueError("Give exactly one of coreset_ratio and n_selected.")
         start = int(self._rng.randint(n_samples))
-        n_selected = coreset_size(coreset_ratio, n_samples)
+        if n_selected is None:
+            n_selected = coreset_size(coreset_ratio, n_samples)
+        if initial is not None:
+            start = np.asarray(initial, dtype=np.int64)
         if n_selected == n_samples:
-            return np.arange(n_samples, dtype=np.int64), 0.0
+            if initial is None:
+                return np.arange(n_samples, dtype=np.int64), 0.0
+            rest = np.setdiff1d(np.arange(n_samples), start, assume_unique=True)
+            return np.concatenate([start, rest]), 0.0
         _centre_and_rotate(self.Z)
         indices, radius = k_center_greedy(self.Z, n_selected, start, method=method, verbose=verbose)
         return indices.cpu().numpy(), radius

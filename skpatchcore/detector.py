@@ -10,7 +10,7 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin, _fit_context
-from sklearn.utils import check_random_state
+from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -31,6 +31,8 @@ __all__ = ["PatchCoreDetector"]
 # larger ones are kept in float16, memory-mapped in a temporary folder (removed
 # when fit ends).
 _IN_MEMORY_FEATURE_BYTES = 1 << 30
+# Bank rows projected at a time when partial_fit extends a bank.
+_LEADING_BATCH_ROWS = 4096
 
 
 def _size_spec(value) -> bool:
@@ -200,6 +202,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         ``(H, W, C)`` of the training images.
     feature_shape_ : tuple of int
         Patch grid and dimension ``(h, w, D)`` of the training images.
+    n_samples_seen_ : int
+        Normal training images the bank was built from, over :meth:`fit`
+        and any :meth:`partial_fit` calls since.
 
     See Also
     --------
@@ -349,36 +354,23 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         self : PatchCoreDetector
             Fitted. A failed fit raises before changing any fitted attribute.
         """
-        for name in ("image_size", "crop_size", "tile_size"):
-            value = getattr(self, name)
-            if value is not None and not _size_spec(value):
-                raise ValueError(
-                    f"{name} must be a positive int, a (height, width) pair of positive "
-                    f"ints or None; got {value!r}."
-                )
+        self._check_size_params()
         device = check_device(self.device)
-        images = common_size_images(X, self.image_size, image_shape=self.image_shape)
-        if y is not None:
-            images = images[self._normal_rows(y, len(images))]
+        images = self._training_images(X, y)
         if len(images) < 2:
             raise ValueError(
                 f"PatchCore needs at least 2 normal training images (thresholds are "
                 f"set by scoring each one against the others); got n_samples = {len(images)}."
             )
-        rng = check_random_state(self.random_state)
-        coreset_seed, index_seed, threshold_seed = rng.randint(np.iinfo(np.int32).max, size=3)
-
-        extractor = self.feature_extractor
-        if isinstance(extractor, str):
-            extractor = TorchvisionExtractor(extractor)
-        net = extractor.load().to(device)
+        coreset_seed, index_seed, threshold_seed = self._fit_seeds()
+        net = self._load_network(device)
         size = resized_shape(images.shape[1:3], self.image_size)
         box = crop_box(size, self.crop_size)
         # Large feature sets are memory-mapped in here; removed however fit ends.
         with tempfile.TemporaryDirectory(prefix="skpatchcore-") as folder:
             start = time.perf_counter()
             features, projected = self._extract_for_fit(
-                net, images, size, box, device, int(coreset_seed), folder
+                net, images, size, box, device, coreset_seed, folder
             )
             n_images, h, w, dim = features.shape
             self._log(f"extracted {n_images * h * w} patch features of {n_images} images "
@@ -390,21 +382,202 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             bank = features.reshape(-1, dim)[coreset].astype(np.float32, copy=False)
             self._log(f"coreset of {len(bank)} entries", start)
 
+            index = self._build_index(bank, n_images * h * w, index_seed, device)
             start = time.perf_counter()
-            index = NearestNeighborIndex(
-                algorithm=self.algorithm, expected_n_queries=n_images * h * w,
-                random_state=int(index_seed), n_jobs=self.n_jobs, device=device,
-            ).fit(bank)
-            self._log(f"{index.algorithm_} nearest-neighbour index", start)
-
-            start = time.perf_counter()
-            held_out = self._threshold_images(n_images, int(threshold_seed))
+            held_out = self._threshold_images(n_images, threshold_seed)
             loo_scores, loo_maps = self._leave_one_out(
                 features[held_out].astype(np.float32, copy=False), held_out, bank, coreset // (h * w), size, box
             )
             del features
             self._log(f"leave-one-image-out thresholds of {len(held_out)} images", start)
 
+        self._set_fitted(
+            net, index, coreset, held_out, loo_scores, float(loo_maps.max()),
+            images.shape[1:], (h, w, dim), n_images,
+        )
+        return self
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y=None):
+        """Extend the memory bank with more normal images, without refitting.
+
+        The first call on an unfitted detector is :meth:`fit`. Later calls
+        extract the new images' patch features and continue greedy k-center
+        from the current bank: its rows are the first centres, and new patches
+        are added, farthest first, until the bank holds ``coreset_ratio`` of
+        all the patches seen (``n_samples_seen_`` images). Bank rows are never
+        removed, and the old images' patches are not revisited (they are not
+        kept): each is already within the old covering radius of the bank,
+        and new rows can only bring it closer.
+
+        The thresholds are updated, not recomputed: up to
+        ``max_threshold_images`` of the new images are scored
+        leave-one-image-out against the grown bank and join the earlier
+        images' scores in ``train_score_samples_``; ``offset_`` is set again
+        from all of them, and ``pixel_threshold_`` is the larger of the old one
+        and the new images' highest map value. The earlier scores were taken
+        against the smaller bank, so they lean anomalous and the threshold
+        leans towards passing images, compared with a refit.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, H, W, C), (n_samples, H, W) or (n_samples, H*W*C)
+            New normal images; they must give the patch grid of the first
+            fit (``feature_shape_``), so the same size after ``image_size``.
+        y : array-like of shape (n_samples,) or (n_samples, H, W), default=None
+            As in :meth:`fit`: only rows with ``y == 0`` (or an empty mask) are used.
+
+        Returns
+        -------
+        self : PatchCoreDetector
+            Extended. A failed call raises before changing any fitted attribute.
+
+        Notes
+        -----
+        Compared with a refit on all the images, the bank differs where the
+        refit would have dropped old rows in favour of new patches; the
+        covering radius of ``partial_fit`` is at most the larger of the old
+        radius and that of the new patches, measured by
+        :func:`~skpatchcore.coreset.covering_radius` (on MVTec bottle, fit on
+        50 images plus ``partial_fit`` on 50 more came within a few percent of
+        a refit on the 100; see :doc:`/scaling`). Like scikit-learn's
+        incremental estimators, :func:`~sklearn.base.clone` returns an
+        unfitted copy and a pickled detector continues where it stopped:
+        the same calls give the same bank.
+
+        Examples
+        --------
+        >>> from skpatchcore import PatchCoreDetector, TorchvisionExtractor
+        >>> from skpatchcore.datasets import make_anomaly_images
+        >>> X, y, _ = make_anomaly_images(24, image_size=64, random_state=0)
+        >>> good = X[y == 0]
+        >>> det = PatchCoreDetector(
+        ...     feature_extractor=TorchvisionExtractor("resnet18", weights=None),
+        ...     image_size=64, random_state=0,
+        ... ).fit(good[:6])
+        >>> det.partial_fit(good[6:]).n_samples_seen_ == len(good)
+        True
+        """
+        if not hasattr(self, "memory_bank_"):
+            return self.fit(X, y)  # parameters already validated: the nested call skips it
+        if not hasattr(self, "n_samples_seen_"):
+            raise ValueError(
+                "This detector was fitted by an earlier skpatchcore that did not record "
+                "n_samples_seen_; refit it before extending it with partial_fit."
+            )
+        self._check_size_params()
+        self._check_n_features(X)
+        device = check_device(self.device)
+        images = self._training_images(X, y)
+        if len(images) == 0:
+            raise ValueError("partial_fit got no normal images (y == 0) to add.")
+        if images.shape[-1] != self.image_shape_[-1]:
+            raise ValueError(
+                f"Images have {images.shape[-1]} channel(s) but the detector was fitted on "
+                f"{self.image_shape_[-1]}-channel images."
+            )
+        coreset_seed, index_seed, threshold_seed = self._fit_seeds()
+        net = self.feature_extractor_.to(device)
+        size = resized_shape(images.shape[1:3], self.image_size)
+        box = crop_box(size, self.crop_size)
+        old_bank, n_old = self.memory_bank_, self.n_samples_seen_
+        with tempfile.TemporaryDirectory(prefix="skpatchcore-") as folder:
+            start = time.perf_counter()
+            features, projected = self._extract_for_fit(
+                net, images, size, box, device, coreset_seed, folder, leading=old_bank,
+                n_previous_images=n_old,
+            )
+            n_images, h, w, dim = features.shape
+            if (h, w, dim) != tuple(self.feature_shape_):
+                raise ValueError(
+                    f"The new images give {h}x{w} patches of {dim} dims, but the detector was "
+                    f"fitted on {self.feature_shape_[0]}x{self.feature_shape_[1]} patches of "
+                    f"{self.feature_shape_[2]} dims: pass images of the training size "
+                    f"{self.image_shape_[:2]}."
+                )
+            self._log(f"extracted {n_images * h * w} patch features of {n_images} new images", start)
+
+            start = time.perf_counter()
+            n_bank = max(len(old_bank), coreset_size(self.coreset_ratio, (n_old + n_images) * h * w))
+            selected, _ = projected.select(
+                n_selected=n_bank, initial=np.arange(len(old_bank)), method=self.coreset_method
+            )
+            del projected
+            added = selected[len(old_bank):] - len(old_bank)  # among the new patches
+            bank = np.concatenate([old_bank, features.reshape(-1, dim)[added].astype(np.float32, copy=False)])
+            coreset = np.concatenate([self.coreset_indices_, n_old * h * w + added])
+            self._log(f"coreset grown by {len(added)} to {len(bank)} entries", start)
+
+            index = self._build_index(bank, (n_old + n_images) * h * w, index_seed, device)
+            start = time.perf_counter()
+            held_out = self._threshold_images(n_images, threshold_seed)
+            loo_scores, loo_maps = self._leave_one_out(
+                features[held_out].astype(np.float32, copy=False), n_old + held_out, bank,
+                coreset // (h * w), size, box,
+            )
+            del features
+            self._log(f"leave-one-image-out thresholds of {len(held_out)} new images", start)
+
+        self._set_fitted(
+            net, index, coreset,
+            np.concatenate([self.threshold_image_indices_, n_old + held_out]),
+            np.concatenate([-self.train_score_samples_, loo_scores]),
+            max(self.pixel_threshold_, float(loo_maps.max())),
+            self.image_shape_, self.feature_shape_, n_old + n_images,
+        )
+        return self
+
+    def _check_size_params(self) -> None:
+        """``image_size``, ``crop_size`` and ``tile_size``: what the constraints cannot say."""
+        for name in ("image_size", "crop_size", "tile_size"):
+            value = getattr(self, name)
+            if value is not None and not _size_spec(value):
+                raise ValueError(
+                    f"{name} must be a positive int, a (height, width) pair of positive "
+                    f"ints or None; got {value!r}."
+                )
+
+    def _check_n_features(self, X) -> None:
+        """Flattened images (2-D ``X``) must have the training images' length."""
+        if np.ndim(X) == 2 and np.shape(X)[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {np.shape(X)[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
+
+    def _training_images(self, X, y) -> np.ndarray:
+        """The normal images of ``X`` (``y == 0``), checked, of one network input size."""
+        images = common_size_images(X, self.image_size, image_shape=self.image_shape)
+        if y is not None:
+            images = images[self._normal_rows(y, len(images))]
+        return images
+
+    def _fit_seeds(self) -> tuple[int, int, int]:
+        """Seeds of the coreset, the index and the threshold subset."""
+        rng = check_random_state(self.random_state)
+        return tuple(int(seed) for seed in rng.randint(np.iinfo(np.int32).max, size=3))
+
+    def _load_network(self, device):
+        extractor = self.feature_extractor
+        if isinstance(extractor, str):
+            extractor = TorchvisionExtractor(extractor)
+        return extractor.load().to(device)
+
+    def _build_index(self, bank, n_queries: int, seed: int, device) -> NearestNeighborIndex:
+        """The nearest-neighbour index over ``bank``, its backend chosen for ``n_queries``."""
+        start = time.perf_counter()
+        index = NearestNeighborIndex(
+            algorithm=self.algorithm, expected_n_queries=n_queries,
+            random_state=seed, n_jobs=self.n_jobs, device=device,
+        ).fit(bank)
+        self._log(f"{index.algorithm_} nearest-neighbour index", start)
+        return index
+
+    def _set_fitted(
+        self, net, index, coreset, held_out, loo_scores, pixel_threshold, image_shape,
+        feature_shape, n_images,
+    ) -> None:
+        """Set every fitted attribute at once, from a finished fit."""
         self.feature_extractor_ = net
         self.memory_bank_ = index.bank_  # the index's array: one copy of the bank, not two
         self.coreset_indices_ = coreset
@@ -415,11 +588,11 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             self.offset_ = float(self.train_score_samples_.min())
         else:
             self.offset_ = float(np.percentile(self.train_score_samples_, 100.0 * self.contamination))
-        self.pixel_threshold_ = float(loo_maps.max())
-        self.image_shape_ = images.shape[1:]
+        self.pixel_threshold_ = pixel_threshold
+        self.image_shape_ = tuple(image_shape)
         self.n_features_in_ = int(np.prod(self.image_shape_))
-        self.feature_shape_ = (h, w, dim)
-        return self
+        self.feature_shape_ = tuple(feature_shape)
+        self.n_samples_seen_ = int(n_images)
 
     @staticmethod
     def _normal_rows(y, n_samples: int) -> np.ndarray:
@@ -444,24 +617,32 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             tile_size=self.tile_size, tile_overlap=self.tile_overlap, verbose=self.verbose,
         )
 
-    def _extract_for_fit(self, net, images, size, box, device, coreset_seed, folder):
+    def _extract_for_fit(
+        self, net, images, size, box, device, coreset_seed, folder, *, leading=None,
+        n_previous_images=0,
+    ):
         """Stream the training images' patch features into a store.
 
         Each batch is kept (in float32 while that fits ``_IN_MEMORY_FEATURE_BYTES``;
         beyond, in float16 memory-mapped in ``folder``) and projected for the
         coreset as it comes, so that large sets never exist in float32.
+        ``leading`` (a bank being extended) is projected first, ahead of the
+        images' patches; ``n_previous_images`` counts the images it came from,
+        for the size of the bank planned.
 
         Returns
         -------
         features : ndarray of shape (n, h, w, D), float32, or memmap, float16
         projected : ProjectedRows
-            Filled with every patch, ready to select the coreset.
+            Filled with ``leading`` and every patch, ready to select the coreset.
         """
         features = projected = None
         try:
             for batch, patches in self._patch_batches(net, images, size, box, device):
                 if features is None:
-                    features, projected = self._allocate_for_fit(len(images), patches, coreset_seed, folder)
+                    features, projected = self._allocate_for_fit(
+                        len(images), patches, coreset_seed, folder, leading, n_previous_images
+                    )
                 features[batch] = patches.cpu().numpy()  # cast to the store's dtype
                 projected.add(patches.reshape(-1, patches.shape[-1]))
         except RuntimeError as exc:
@@ -473,7 +654,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             ) from exc
         return features, projected
 
-    def _allocate_for_fit(self, n_images, first_batch, coreset_seed, folder):
+    def _allocate_for_fit(self, n_images, first_batch, coreset_seed, folder, leading, n_previous_images):
         """The feature store and the coreset's projected copy, sized on the first batch."""
         _, h, w, dim = first_batch.shape
         if min(h, w) < 3:
@@ -483,7 +664,13 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 "patch grid is needed. Use a larger image_size."
             )
         n_patches = n_images * h * w
-        n_bank = coreset_size(self.coreset_ratio, n_patches)
+        n_leading = 0 if leading is None else len(leading)
+        if leading is not None and leading.shape[1] != dim:
+            raise ValueError(
+                f"The new images give patch features of {dim} dims, but the memory bank "
+                f"has {leading.shape[1]}."
+            )
+        n_bank = coreset_size(self.coreset_ratio, n_patches + n_previous_images * h * w)
         if n_bank < self.n_neighbors:
             raise ValueError(
                 f"The coreset would keep {n_bank} of {n_patches} patches, fewer than "
@@ -494,8 +681,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         in_memory = 4 * n_patches * dim <= _IN_MEMORY_FEATURE_BYTES
         check_fits_in_memory(
             {
-                "the coreset's projected features": 4 * n_patches * projection_dim,
-                "the memory bank": 4 * n_bank * dim,
+                "the coreset's projected features": 4 * (n_leading + n_patches) * projection_dim,
+                "the memory bank": 4 * max(n_bank, n_leading) * dim,
                 "patch features": 4 * n_patches * dim if in_memory else 0,
             },
             "Lower coreset_ratio, projection_dim or image_size, or fit on fewer images.",
@@ -507,9 +694,12 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             path = os.path.join(folder, "features.npy")
             features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         projected = ProjectedRows(
-            n_patches, dim, projection_dim=self.projection_dim, dtype="float32",
+            n_leading + n_patches, dim, projection_dim=self.projection_dim, dtype="float32",
             random_state=coreset_seed, device=first_batch.device,
         )
+        if leading is not None:
+            for rows in gen_batches(n_leading, _LEADING_BATCH_ROWS):
+                projected.add(torch.from_numpy(leading[rows]))
         return features, projected
 
     def _threshold_images(self, n_images: int, seed: int) -> np.ndarray:
@@ -565,11 +755,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         groups = size_groups(X)
         if groups is not None:
             return self._score_groups(groups, with_maps=with_maps)
-        if np.ndim(X) == 2 and np.shape(X)[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {np.shape(X)[1]} features, but {type(self).__name__} is expecting "
-                f"{self.n_features_in_} features as input."
-            )
+        self._check_n_features(X)
         images = check_images(X, image_shape=self.image_shape)
         if images.shape[-1] != self.image_shape_[-1]:
             raise ValueError(

@@ -7,7 +7,13 @@ import pytest
 import torch
 from sklearn.utils._param_validation import InvalidParameterError
 
-from skpatchcore.coreset import GreedyCoresetSampler, k_center_greedy
+from skpatchcore.coreset import (
+    GreedyCoresetSampler,
+    ProjectedRows,
+    covering_radius,
+    k_center_greedy,
+    merge_coresets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +226,68 @@ def test_verbose_prints_progress(clusters, capsys):
 def test_k_center_greedy_rejects_more_centres_than_rows():
     with pytest.raises(ValueError, match="1 <= n_centers <= 5"):
         k_center_greedy(torch.zeros(5, 2), 6, 0)
+
+
+@pytest.mark.parametrize("method", ["greedy", "accelerated"])
+def test_continuing_from_a_greedy_prefix_repeats_the_run(clusters, method):
+    Z = torch.from_numpy(clusters)
+    full, radius = k_center_greedy(Z, 150, 7, method=method)
+    continued, continued_radius = k_center_greedy(Z, 150, full[:60].numpy(), method=method)
+    torch.testing.assert_close(continued, full, rtol=0, atol=0)
+    assert continued_radius == radius
+
+
+def test_accelerated_continues_from_given_centres_like_greedy(clusters):
+    Z = torch.from_numpy(clusters)
+    given = np.random.RandomState(0).choice(len(Z), 300, replace=False)  # more than a block
+    plain, plain_radius = k_center_greedy(Z, 500, given, method="greedy")
+    fast, fast_radius = k_center_greedy(Z, 500, given, method="accelerated")
+    np.testing.assert_array_equal(fast.numpy()[:300], given)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+    assert fast_radius == plain_radius
+
+
+def test_k_center_greedy_rejects_repeated_given_centres():
+    with pytest.raises(ValueError, match="distinct indices"):
+        k_center_greedy(torch.zeros(5, 2), 3, [1, 1])
+
+
+def test_covering_radius_is_the_largest_distance_to_the_nearest_centre(clusters):
+    indices = np.arange(0, len(clusters), 40)
+    got = covering_radius(clusters, clusters[indices])
+    assert got == pytest.approx(coverage_radius(clusters, indices), rel=1e-5)
+
+
+@pytest.mark.parametrize("projection_dim", [None, 16])
+def test_merged_shard_coresets_stay_within_the_composition_bound(clusters, projection_dim):
+    # Bound of merge_coresets' Notes, in the space the selection runs in.
+    k, shards = 60, np.array_split(clusters, 3)
+    parts, radii = [], []
+    for shard in shards:
+        stream = ProjectedRows(len(shard), shard.shape[1], projection_dim=projection_dim,
+                               dtype="float32", random_state=0, device=torch.device("cpu"))
+        stream.add(torch.from_numpy(shard))
+        indices, radius = stream.select(n_selected=k)
+        parts.append(shard[indices])
+        radii.append(radius)
+    merged, union_radius = merge_coresets(parts, k, projection_dim=projection_dim, random_state=0)
+    bank = np.concatenate(parts)[merged]
+    single = GreedyCoresetSampler(coreset_ratio=k / len(clusters), projection_dim=projection_dim,
+                                  random_state=0).fit(clusters)
+    projection = single.projection_
+    space = (lambda X: X) if projection is None else projection.transform
+    sharded_radius = covering_radius(space(clusters), space(bank))
+    assert sharded_radius <= (max(radii) + union_radius) * (1 + 1e-4)
+    assert sharded_radius <= 4 * single.radius_
+    if projection_dim is None:  # no projection: the single greedy's radius in the same space
+        assert sharded_radius <= 1.5 * single.radius_  # far from the worst case on real-like data
+
+
+def test_merging_one_shard_keeps_its_selection(clusters):
+    stream = ProjectedRows(len(clusters), clusters.shape[1], projection_dim=16, dtype="float32",
+                           random_state=0, device=torch.device("cpu"))
+    stream.add(torch.from_numpy(clusters))
+    indices, _ = stream.select(n_selected=50)
+    merged, radius = merge_coresets([clusters[indices]], 50, projection_dim=16, random_state=0)
+    np.testing.assert_array_equal(merged, np.arange(50))
+    assert radius == 0.0
