@@ -595,6 +595,28 @@ class NearestNeighborIndex(BaseEstimator):
             distances[missed], indices[missed] = self._exact(X[missed], n_neighbors)
         return distances, indices
 
+    def bank_neighbors(self, indices, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+        """The bank rows nearest to given bank rows, exactly: the support of Eq. 7.
+
+        Parameters
+        ----------
+        indices : array-like of shape (n_queries,), int
+            Rows of ``bank_`` (e.g. each image's ``m*``).
+        n_neighbors : int
+            Neighbours per row, the row itself included (it comes first
+            unless it has an exact duplicate).
+
+        Returns
+        -------
+        neighbors : ndarray of shape (n_queries, n_neighbors), int64
+            Rows of ``bank_``, nearest first.
+        rows : ndarray of shape (n_queries, n_neighbors, n_features_in_), float32
+            ``bank_[neighbors]``.
+        """
+        check_is_fitted(self)
+        neighbors = self.kneighbors(self.bank_[np.asarray(indices)], n_neighbors, exact=True)[1]
+        return neighbors, self.bank_[neighbors]
+
     def _query(self, X, n_neighbors):
         """pynndescent's search, on ``n_jobs`` numba threads if built for parallel queries."""
         # pynndescent searches in buffers of the index (visited flags, heaps):

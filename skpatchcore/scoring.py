@@ -107,8 +107,10 @@ def image_scores(index, patches: np.ndarray, n_neighbors: int):
 
     Parameters
     ----------
-    index : NearestNeighborIndex
-        Fitted index of the memory bank.
+    index : NearestNeighborIndex or ShardedIndex
+        Fitted index of the memory bank: anything with ``kneighbors``,
+        ``bank_neighbors``, ``n_samples_fit_`` and ``algorithm_``
+        (and ``nearest_within`` when not exact).
     patches : ndarray of shape (n_images, n_patches, D), float32
     n_neighbors : int
         Bank neighbours ``b`` of ``m*`` weighed by the reweighting (at most
@@ -131,16 +133,15 @@ def image_scores(index, patches: np.ndarray, n_neighbors: int):
         _, patch, nearest = max_patches(dist, idx)
     else:
         _, patch, nearest = rerank_max_patches(patches, dist, index.nearest_within)
-    bank = index.bank_
-    support = index.kneighbors(bank[nearest], min(n_neighbors, len(bank)), exact=True)[1]
-    scores = reweighted_scores(patches[np.arange(n_images), patch], bank, support)
+    _, support = index.bank_neighbors(nearest, min(n_neighbors, index.n_samples_fit_))
+    scores = reweighted_scores(patches[np.arange(n_images), patch], support)
     return scores, dist
 
 
 def reweighted_scores(
     test_features: np.ndarray,
     bank: np.ndarray,
-    support_idx: np.ndarray,
+    support_idx: np.ndarray | None = None,
 ) -> np.ndarray:
     """Image anomaly scores with the paper's reweighting (Eq. 7).
 
@@ -158,8 +159,11 @@ def reweighted_scores(
     ----------
     test_features : ndarray of shape (n_images, D)
         Each image's most anomalous patch feature.
-    bank : ndarray of shape (n_bank, D)
-    support_idx : ndarray of shape (n_images, b)
+    bank : ndarray of shape (n_bank, D), or (n_images, b, D)
+        The memory bank; or, without ``support_idx``, the support rows
+        themselves (``bank[support_idx]``), as a bank split over machines
+        returns them.
+    support_idx : ndarray of shape (n_images, b), default=None
         Bank neighbours of ``m*``, ``m*`` first. With ``b == 1`` there is
         nothing to weigh against and ``s*`` is returned unchanged.
 
@@ -167,7 +171,7 @@ def reweighted_scores(
     -------
     scores : ndarray of shape (n_images,), float32
     """
-    support = torch.from_numpy(bank[support_idx])  # (n, b, D)
+    support = torch.from_numpy(np.asarray(bank if support_idx is None else bank[support_idx]))  # (n, b, D)
     query = torch.from_numpy(np.ascontiguousarray(test_features, dtype=np.float32))
     dist = torch.linalg.vector_norm(support - query[:, None, :], dim=2)
     if dist.shape[1] < 2:
