@@ -438,9 +438,10 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         refit would have dropped old rows in favour of new patches; the
         covering radius of ``partial_fit`` is at most the larger of the old
         radius and that of the new patches, measured by
-        :func:`~skpatchcore.coreset.covering_radius` (on MVTec bottle, fit on
-        50 images plus ``partial_fit`` on 50 more came within a few percent of
-        a refit on the 100; see :doc:`/scaling`). Like scikit-learn's
+        :func:`~skpatchcore.coreset.covering_radius`. On MVTec bottle, fit on
+        50 images plus ``partial_fit`` on 50 more gave 0.978 times the radius
+        of a refit on the 100, with the same image and pixel AUROC to 1e-4
+        (:doc:`/scaling`). Like scikit-learn's
         incremental estimators, :func:`~sklearn.base.clone` returns an
         unfitted copy and a pickled detector continues where it stopped:
         the same calls give the same bank.

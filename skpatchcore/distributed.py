@@ -170,9 +170,11 @@ def score_samples_distributed(
     images (files through ``reader`` on the worker, or one block of a dask
     array where that block lives) and scores them; results come back in the
     input order. On the CPU, scores and maps are bit-identical to
-    ``detector.score_samples(reader.transform(X))`` and ``anomaly_maps``: tasks
-    start at multiples of ``detector.batch_size``, so the network sees the
-    same batches.
+    ``detector.score_samples(reader.transform(X))`` and ``anomaly_maps`` run
+    with the workers' torch thread count: tasks start at multiples of
+    ``detector.batch_size``, so the network sees the same batches. (CPU
+    convolutions round differently with another thread count: EfficientNet-Lite0
+    scores moved by about 4e-6 between 1 and 2 threads.)
 
     Parameters
     ----------
@@ -387,8 +389,9 @@ def fit_sharded(
     :func:`~skpatchcore.coreset.merge_coresets`); so at most 4 times the
     radius of a single machine's greedy. ``verbose`` logs both radii. With
     one shard the result is :meth:`~PatchCoreDetector.fit`'s. On MVTec bottle
-    the covering radius came within a few percent of the single fit's and
-    the AUROCs within 0.005 (:doc:`/scaling`).
+    (100 images, EfficientNet-Lite0, 2 shards) the covering radius was 1.003
+    times the single fit's, image AUROC 1.0000 for both and pixel AUROC
+    0.9875 against 0.9876 (:doc:`/scaling`).
 
     Parameters
     ----------

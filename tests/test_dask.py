@@ -36,6 +36,16 @@ from skpatchcore.metrics import image_auroc, image_auroc_scorer, pixel_auroc  # 
 from .conftest import tiny_cnn  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Local references on the workers' thread count: CPU kernels may round differently
+    with another (EfficientNet-Lite0 scores move by ~4e-6 between 1 and 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def client():
     with LocalCluster(
@@ -81,6 +91,14 @@ def test_distributed_scores_equal_local_bit_for_bit(client, data, fitted):
     got = score_samples_distributed(fitted, data["test"], images_per_task=5, client=client)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_detector_is_pickled_once_not_per_task(client, data, fitted, monkeypatch):
+    pickled = []
+    getstate = PatchCoreDetector.__getstate__
+    monkeypatch.setattr(PatchCoreDetector, "__getstate__", lambda det: pickled.append(det) or getstate(det))
+    score_samples_distributed(fitted, data["test"], images_per_task=2)  # 6 tasks on 2 workers
+    assert len(pickled) == 1
 
 
 def test_every_worker_scores_and_results_keep_the_input_order(client, data, fitted):
