@@ -237,6 +237,8 @@ def score_samples_distributed(
     X = _check_input(X)
     reader = ImageReader() if reader is None else reader
     n = len(X)
+    if n == 0:
+        raise ValueError("Found 0 images to score; at least 1 is required.")
     step = detector.batch_size * math.ceil((images_per_task or _IMAGES_PER_TASK) / detector.batch_size)
     sizes = [min(step, n - start) for start in range(0, n, step)]
     names = _map_names(X, n)

@@ -108,6 +108,19 @@ def test_pickled_detector_continues_where_it_stopped(params, images):
     np.testing.assert_array_equal(copy.score_samples(normal), det.score_samples(normal))
 
 
+def test_saved_detector_continues_where_it_stopped(params, images, tmp_path):
+    import skpatchcore
+
+    train, normal, _ = images
+    det = PatchCoreDetector(**params).fit(train[:5])
+    skpatchcore.save(det, tmp_path / "det.safetensors")
+    loaded = skpatchcore.load(tmp_path / "det.safetensors", module=params["feature_extractor"].module)
+    det.partial_fit(train[5:])
+    loaded.partial_fit(train[5:])
+    np.testing.assert_array_equal(loaded.memory_bank_, det.memory_bank_)
+    assert loaded.n_samples_seen_ == det.n_samples_seen_ == 10
+
+
 def test_clone_forgets_the_bank(params, images):
     train, _, _ = images
     det = PatchCoreDetector(**params).fit(train[:5])
