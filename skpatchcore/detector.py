@@ -766,7 +766,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         device = check_device(self.device)
         # Network and exact search both follow the device set now, not the one of fit: a
         # detector fitted on a GPU scores on the CPU after set_params(device="cpu").
-        net = self.feature_extractor_.to(device)
+        net = self.feature_extractor_
+        if next(net.parameters(), torch.empty(0)).device != device:
+            net = net.to(device)  # walks every parameter: 2 ms a call for Lite0
         self.nn_index_.set_params(device=device)
         size = resized_shape(images.shape[1:3], self.image_size)
         box = crop_box(size, self.crop_size)
@@ -775,7 +777,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         for batch, patches in self._patch_batches(net, images, size, box, device):
             n, h, w, dim = patches.shape
             flat = patches.reshape(n, h * w, dim).cpu().numpy()
-            scores[batch], dist = image_scores(self.nn_index_, flat, self.n_neighbors)
+            scores[batch], dist = image_scores(
+                self.nn_index_, flat, self.n_neighbors, patch_distances=with_maps
+            )
             if with_maps:
                 maps[batch] = anomaly_maps(
                     torch.from_numpy(dist.reshape(n, h, w)), model_size=size, box=box,

@@ -56,6 +56,7 @@ from .detector import PatchCoreDetector
 from .images import crop_box, resized_shape
 from .neighbors import NearestNeighborIndex
 from .reader import ImageReader, _check_paths
+from .scoring import max_patches
 
 __all__ = [
     "ShardedIndex",
@@ -733,6 +734,32 @@ class ShardedIndex(BaseEstimator):
         finally:
             queries.release()
         return tuple(_merge_nearest(parts, n_neighbors))
+
+    def largest_nearest(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The query of each group farthest from its nearest bank row (Eq. 6), exactly.
+
+        Every query is searched on every shard (one round trip): the block
+        pruning of :meth:`NearestNeighborIndex.largest_nearest
+        <skpatchcore.NearestNeighborIndex.largest_nearest>` walks one whole
+        bank in selection order, which a split bank does not offer.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_groups, n_queries, n_features_in_), float32
+            Queries in groups, e.g. the patch features of images.
+
+        Returns
+        -------
+        distances : ndarray of shape (n_groups,), float32
+        positions : ndarray of shape (n_groups,), int64
+            Position of that query in its group (the first one on ties).
+        indices : ndarray of shape (n_groups,), int64
+            Its nearest bank row.
+        """
+        X = np.asarray(X, dtype=np.float32)
+        n_groups, n_queries, _ = X.shape
+        distances, indices = self.kneighbors(X.reshape(n_groups * n_queries, -1), 1)
+        return max_patches(distances.reshape(n_groups, n_queries), indices.reshape(n_groups, n_queries))
 
     def bank_neighbors(self, indices, n_neighbors: int):
         """The bank rows nearest to given bank rows, from all shards (Eq. 7's support).

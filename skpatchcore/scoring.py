@@ -102,37 +102,47 @@ def rerank_max_patches(
     return s_star, best_patch, bank_idx
 
 
-def image_scores(index, patches: np.ndarray, n_neighbors: int):
+def image_scores(index, patches: np.ndarray, n_neighbors: int, *, patch_distances: bool = True):
     """Patch distances and image scores of images' patch features (Eq. 6-7).
 
     Parameters
     ----------
     index : NearestNeighborIndex or ShardedIndex
         Fitted index of the memory bank: anything with ``kneighbors``,
-        ``bank_neighbors``, ``n_samples_fit_`` and ``algorithm_``
-        (and ``nearest_within`` when not exact).
+        ``largest_nearest``, ``bank_neighbors``, ``n_samples_fit_`` and
+        ``algorithm_`` (and ``nearest_within`` when not exact).
     patches : ndarray of shape (n_images, n_patches, D), float32
     n_neighbors : int
         Bank neighbours ``b`` of ``m*`` weighed by the reweighting (at most
         the bank size): ``m*`` itself first, found by one exact search per
         image, as cheap as a single patch query.
+    patch_distances : bool, default=True
+        Whether every patch's nearest distance is needed (for maps). Without
+        them, only each image's most anomalous patch is searched for, exactly
+        (:meth:`~skpatchcore.NearestNeighborIndex.largest_nearest`), at a
+        fraction of the cost of a full search.
 
     Returns
     -------
     scores : ndarray of shape (n_images,), float32
         Reweighted largest patch distances, the same with either backend of
         ``index``: an approximate search's maximum is re-ranked exactly.
-    patch_dist : ndarray of shape (n_images, n_patches), float32
+    patch_dist : ndarray of shape (n_images, n_patches), float32, or None
         Nearest distance of each patch as the backend found it (approximate
-        search: an upper bound of the exact one).
+        search: an upper bound of the exact one); None unless
+        ``patch_distances``.
     """
     n_images, n_patches, dim = patches.shape
-    dist, idx = index.kneighbors(patches.reshape(-1, dim), 1)
-    dist, idx = dist[:, 0].reshape(n_images, n_patches), idx[:, 0].reshape(n_images, n_patches)
-    if index.algorithm_ == "exact":
-        _, patch, nearest = max_patches(dist, idx)
+    dist = None
+    if not patch_distances:
+        _, patch, nearest = index.largest_nearest(patches)
     else:
-        _, patch, nearest = rerank_max_patches(patches, dist, index.nearest_within)
+        dist, idx = index.kneighbors(patches.reshape(-1, dim), 1)
+        dist, idx = dist[:, 0].reshape(n_images, n_patches), idx[:, 0].reshape(n_images, n_patches)
+        if index.algorithm_ == "exact":
+            _, patch, nearest = max_patches(dist, idx)
+        else:
+            _, patch, nearest = rerank_max_patches(patches, dist, index.nearest_within)
     _, support = index.bank_neighbors(nearest, min(n_neighbors, index.n_samples_fit_))
     scores = reweighted_scores(patches[np.arange(n_images), patch], support)
     return scores, dist

@@ -234,6 +234,8 @@ def test_sharded_bank_scores_equal_the_unsharded_detector(client, data, fitted):
     got_maps, got = sharded.anomaly_maps(X, return_score_samples=True)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_maps, want_maps)
+    # score_samples alone takes the other path (largest_nearest, no patch distances).
+    np.testing.assert_array_equal(sharded.score_samples(X), fitted.score_samples(X))
     np.testing.assert_array_equal(sharded.predict(X), fitted.predict(X))
 
 

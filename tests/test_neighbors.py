@@ -222,6 +222,47 @@ def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
     assert np.all(got_dist >= want_dist * (1 - 1e-3))
 
 
+@pytest.mark.parametrize("order", ["greedy", "shuffled"])
+def test_largest_nearest_is_the_exact_maximum(clusters, order):
+    from skpatchcore.coreset import k_center_greedy
+    from skpatchcore.scoring import max_patches
+
+    bank, queries = clusters
+    if order == "greedy":  # the order of a coreset bank, where the first blocks prune best
+        bank = bank[k_center_greedy(torch.from_numpy(bank), len(bank), 0)[0].numpy()]
+    index = NearestNeighborIndex("exact").fit(bank)
+    images = np.concatenate([queries, bank[:20] + 0.01]).reshape(4, 130, -1)
+    dist, idx = index.kneighbors(images.reshape(-1, images.shape[-1]), 1)
+    want = max_patches(dist[:, 0].reshape(4, 130), idx[:, 0].reshape(4, 130))
+    got = index.largest_nearest(images)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert got[0].dtype == np.float32 and got[1].dtype == got[2].dtype == np.int64
+
+
+def test_largest_nearest_searches_few_queries_in_full(clusters, monkeypatch):
+    bank, queries = clusters
+    index = NearestNeighborIndex("exact").fit(bank)
+    rows_searched = []
+    search = neighbors._search
+    monkeypatch.setattr(
+        neighbors, "_search", lambda X, B, *a: rows_searched.append(len(X) * len(B)) or search(X, B, *a)
+    )
+    index.largest_nearest(queries[:480].reshape(4, 120, -1))
+    assert sum(rows_searched) < 0.5 * 480 * len(bank)  # pruned, yet exact (test above)
+
+
+def test_image_scores_without_patch_distances_are_the_same(approximate_index, clusters):
+    bank, queries = clusters
+    images = queries[:480].reshape(5, 96, -1)
+    for index in (NearestNeighborIndex("exact").fit(bank), approximate_index):
+        want, _ = image_scores(index, images, 9)
+        got, dist = image_scores(index, images, 9, patch_distances=False)
+        assert dist is None
+        np.testing.assert_array_equal(got, want)
+
+
 def test_pynndescent_auto_picks_the_graph_when_many_queries_are_expected(clusters, monkeypatch):
     bank, _ = clusters
     monkeypatch.setattr(neighbors, "_PYNNDESCENT_COMPILE_S", 0.0)
