@@ -66,7 +66,7 @@ class PatchCoreEnsemble(OutlierMixin, BaseEstimator):
     See Also
     --------
     PatchCoreDetector : One member.
-    skpatchcore.presets.make_detector : The "accurate" preset is an ensemble.
+    skpatchcore.presets.make_detector : Named single-detector configurations.
 
     Examples
     --------

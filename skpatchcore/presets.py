@@ -1,4 +1,4 @@
-"""Named detector configurations: "fast" (the paper's recipe) and "accurate" (512 px).
+"""Named detector configurations: "fast" (the paper's recipe) and "accurate" (512 px, wider context).
 
 A preset is a function returning a fresh, unfitted estimator, so two calls
 never share an extractor object. Every preset works offline (its weights come
@@ -18,11 +18,15 @@ def _fast() -> PatchCoreDetector:
 
 
 def _accurate() -> PatchCoreDetector:
-    # Twice the resolution finds small defects (MVTec screw: image AUROC 0.71 -> 0.96);
+    # Twice the resolution finds small defects (MVTec screw: image AUROC 0.71 -> 0.91);
     # a quarter of the coreset ratio keeps the bank, and so the search cost per
-    # patch, at the fast preset's size.
+    # patch, at the fast preset's size. The coarser third stage (blocks.5, stride 32)
+    # gives each patch back the context it loses at 512 px: without it a missing
+    # part reads as normal background (MVTec transistor "misplaced": 0.82 -> 1.00).
     return PatchCoreDetector(
-        feature_extractor=EfficientNetLiteExtractor("lite0"), image_size=512, coreset_ratio=0.025
+        feature_extractor=EfficientNetLiteExtractor("lite0", layers=("blocks.2", "blocks.4", "blocks.5")),
+        image_size=512,
+        coreset_ratio=0.025,
     )
 
 

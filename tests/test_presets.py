@@ -24,6 +24,8 @@ def test_accurate_doubles_the_resolution_and_keeps_the_bank_size():
     det = make_detector("accurate")
     assert (det.image_size, det.coreset_ratio) == (512, 0.025)
     assert isinstance(det.feature_extractor, EfficientNetLiteExtractor)
+    # A coarser stage than the fast preset's, for context at the higher resolution.
+    assert det.feature_extractor.layers == ("blocks.2", "blocks.4", "blocks.5")
     # 4x the patches at a quarter of the ratio: the fast preset's bank size.
     assert 4 * det.coreset_ratio == pytest.approx(make_detector("fast").coreset_ratio)
 
