@@ -751,13 +751,11 @@ class NearestNeighborIndex(BaseEstimator):
 
         stop = min(n_bank, _FIRST_BLOCK)
         bound, nearest = (a[:, 0] for a in search(slice(None), 0, stop))
-        nearest = nearest.copy()
         # Exact distances of each group's most promising queries: a floor for its maximum.
         top = np.argsort(-bound.reshape(n_groups, n_queries), axis=1, kind="stable")[:, :_FIRST_EXACT]
         top = (top + n_queries * np.arange(n_groups)[:, None]).ravel()
         top_dist, top_idx = (a[:, 0] for a in search(torch.from_numpy(top), 0, n_bank))
-        floor = np.full(n_groups, -np.inf, dtype=np.float32)
-        np.maximum.at(floor, group[top], top_dist)
+        floor = top_dist.reshape(n_groups, -1).max(axis=1)
         # Slack for float32 rounding of the ||a||² - 2ab + ||b||² expansion.
         slack = 1e-6 * (np.einsum("ij,ij->i", X.reshape(-1, n_features), X.reshape(-1, n_features))
                         + self.bank_sq_norms_.max())
