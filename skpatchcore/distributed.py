@@ -738,10 +738,10 @@ class ShardedIndex(BaseEstimator):
     def largest_nearest(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The query of each group farthest from its nearest bank row (Eq. 6), exactly.
 
-        Every query is searched on every shard (one round trip): the block
-        pruning of :meth:`NearestNeighborIndex.largest_nearest
-        <skpatchcore.NearestNeighborIndex.largest_nearest>` walks one whole
-        bank in selection order, which a split bank does not offer.
+        Every query is searched on every shard (one round trip): the pruning
+        of :meth:`NearestNeighborIndex.largest_nearest
+        <skpatchcore.NearestNeighborIndex.largest_nearest>` needs the cells
+        of one whole bank, which a split bank does not offer.
 
         Parameters
         ----------

@@ -253,6 +253,20 @@ def test_largest_nearest_searches_few_queries_in_full(clusters, monkeypatch):
     assert sum(rows_searched) < 0.5 * 480 * len(bank)  # pruned, yet exact (test above)
 
 
+def test_bank_cells_partition_the_bank_by_nearest_centre(clusters):
+    bank, _ = clusters
+    index = NearestNeighborIndex("exact").fit(bank)
+    order, bounds = index.cell_order_, index.cell_bounds_
+    n_cells = len(bounds) - 1
+    assert n_cells == round(np.sqrt(2 * len(bank)))
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(bank)))
+    assert bounds[0] == 0 and bounds[-1] == len(bank) and np.all(np.diff(bounds) >= 0)
+    centre_dist = np.linalg.norm(bank[:, None] - bank[None, :n_cells], axis=2)
+    for c in range(n_cells):
+        rows = order[bounds[c] : bounds[c + 1]]
+        assert np.all(centre_dist[rows, c] <= centre_dist[rows].min(axis=1) + 1e-4)
+
+
 def test_image_scores_without_patch_distances_are_the_same(approximate_index, clusters):
     bank, queries = clusters
     images = queries[:480].reshape(5, 96, -1)
