@@ -23,7 +23,7 @@ from .images import check_images, common_size_images, crop_box, resized_shape, s
 from .maps import anomaly_maps
 from .neighbors import NearestNeighborIndex, exact_kneighbors
 from .progress import log
-from .scoring import image_scores, max_patches, reweighted_scores
+from .scoring import image_scores, reweighted_scores
 
 __all__ = ["PatchCoreDetector"]
 
@@ -33,6 +33,8 @@ __all__ = ["PatchCoreDetector"]
 _IN_MEMORY_FEATURE_BYTES = 1 << 30
 # Bank rows projected at a time when partial_fit extends a bank.
 _LEADING_BATCH_ROWS = 4096
+# Training images whose maps are drawn at a time while seeking the pixel threshold.
+_THRESHOLD_MAP_BATCH = 4
 
 
 def _size_spec(value) -> bool:
@@ -385,14 +387,14 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             index = self._build_index(bank, n_images * h * w, index_seed, device)
             start = time.perf_counter()
             held_out = self._threshold_images(n_images, threshold_seed)
-            loo_scores, loo_maps = self._leave_one_out(
-                features[held_out].astype(np.float32, copy=False), held_out, bank, coreset // (h * w), size, box
+            loo_scores, pixel_max = self._leave_one_out(
+                index, features[held_out].astype(np.float32, copy=False), held_out, coreset // (h * w), size, box
             )
             del features
             self._log(f"leave-one-image-out thresholds of {len(held_out)} images", start)
 
         self._set_fitted(
-            net, index, coreset, held_out, loo_scores, float(loo_maps.max()),
+            net, index, coreset, held_out, loo_scores, pixel_max,
             images.shape[1:], (h, w, dim), n_images,
         )
         return self
@@ -512,8 +514,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             index = self._build_index(bank, (n_old + n_images) * h * w, index_seed, device)
             start = time.perf_counter()
             held_out = self._threshold_images(n_images, threshold_seed)
-            loo_scores, loo_maps = self._leave_one_out(
-                features[held_out].astype(np.float32, copy=False), n_old + held_out, bank,
+            loo_scores, pixel_max = self._leave_one_out(
+                index, features[held_out].astype(np.float32, copy=False), n_old + held_out,
                 coreset // (h * w), size, box,
             )
             del features
@@ -523,7 +525,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             net, index, coreset,
             np.concatenate([self.threshold_image_indices_, n_old + held_out]),
             np.concatenate([-self.train_score_samples_, loo_scores]),
-            max(self.pixel_threshold_, float(loo_maps.max())),
+            max(self.pixel_threshold_, pixel_max),
             self.image_shape_, self.feature_shape_, n_old + n_images,
         )
         return self
@@ -710,40 +712,61 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         rng = np.random.RandomState(seed)
         return np.sort(rng.choice(n_images, self.max_threshold_images, replace=False))
 
-    def _leave_one_out(self, patches, held_out, bank, bank_groups, size, box):
-        """Image scores and map maxima of held-out training images against the others' bank entries.
+    def _leave_one_out(self, index, patches, held_out, bank_groups, size, box):
+        """Image scores and largest map value of held-out training images against the others' bank entries.
 
         Parameters
         ----------
+        index : NearestNeighborIndex
+            Fitted on the bank.
         patches : ndarray of shape (m, h, w, D), float32
             Patch features of the training images ``held_out``.
         held_out : ndarray of shape (m,)
             Their positions among the training images, the groups of ``bank_groups``.
+
+        Returns
+        -------
+        scores : ndarray of shape (m,)
+        pixel_max : float
+            The largest value of their maps.
         """
         n_images, h, w, dim = patches.shape
+        bank = index.bank_
         if np.bincount(bank_groups).max() == len(bank):
             raise ValueError(
                 "Every coreset entry comes from one training image, so it cannot be "
                 "scored against the others; increase coreset_ratio."
             )
-        dist, idx = exact_kneighbors(
-            patches.reshape(-1, dim), bank, 1, query_groups=np.repeat(held_out, h * w),
-            bank_groups=bank_groups, device=self.device,
-        )
-        dist, idx = dist[:, 0].reshape(n_images, -1), idx[:, 0].reshape(n_images, -1)
-        _, patch, nearest = max_patches(dist, idx)
+        flat = patches.reshape(n_images, h * w, dim)
+        largest, patch, nearest = index.largest_nearest(flat, groups=held_out, bank_groups=bank_groups)
         # Each image may only use the entries of the others.
         k = min(self.n_neighbors, len(bank) - np.bincount(bank_groups).max())
         _, support = exact_kneighbors(
             bank[nearest], bank, k, query_groups=held_out, bank_groups=bank_groups,
             device=self.device,
         )
-        scores = reweighted_scores(patches.reshape(n_images, -1, dim)[np.arange(n_images), patch], bank, support)
-        maps = anomaly_maps(
-            torch.from_numpy(dist.reshape(n_images, h, w)), model_size=size, box=box,
-            output_size=size, sigma=self.sigma,
-        )
-        return scores, maps.amax(dim=(1, 2)).numpy()
+        scores = reweighted_scores(flat[np.arange(n_images), patch], bank, support)
+        # A map is an average of its patch distances (bilinear upsampling, a
+        # normalised blur), so no map rises above its largest patch distance:
+        # maps are drawn in decreasing order of that distance, only until it
+        # falls below the largest map value so far.
+        pixel_max = 0.0
+        by_largest = np.argsort(-largest, kind="stable")
+        for rows in gen_batches(n_images, _THRESHOLD_MAP_BATCH):
+            batch = by_largest[rows]
+            if largest[batch[0]] * (1 + 1e-5) < pixel_max:
+                break
+            dist, _ = exact_kneighbors(
+                flat[batch].reshape(-1, dim), bank, 1, bank_sq_norms=index.bank_sq_norms_,
+                query_groups=np.repeat(held_out[batch], h * w), bank_groups=bank_groups,
+                device=self.device,
+            )
+            maps = anomaly_maps(
+                torch.from_numpy(dist.reshape(len(batch), h, w)), model_size=size, box=box,
+                output_size=size, sigma=self.sigma,
+            )
+            pixel_max = max(pixel_max, float(maps.max()))
+        return scores, pixel_max
 
     # -------------------------------------------------------------- scoring
     def _score(self, X, *, with_maps: bool):

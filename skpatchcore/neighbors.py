@@ -736,7 +736,7 @@ class NearestNeighborIndex(BaseEstimator):
             distances[i, 0], indices[i, 0] = dist[best], rows[best]
         return distances, indices
 
-    def largest_nearest(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def largest_nearest(self, X, *, groups=None, bank_groups=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Exactly, the query of each group farthest from its nearest bank row.
 
         PatchCore's image score needs only the largest nearest-neighbour
@@ -759,12 +759,19 @@ class NearestNeighborIndex(BaseEstimator):
         ----------
         X : ndarray of shape (n_groups, n_queries, n_features_in_), float32
             Queries in groups, e.g. the patch features of images.
+        groups : array-like of shape (n_groups,), default=None
+            Integer label of each group, e.g. the training image it is. Given
+            together with ``bank_groups``.
+        bank_groups : array-like of shape (n_samples_fit_,), default=None
+            Integer label of each bank row: a group's queries never match a
+            row of its own label (leave-one-image-out scores).
 
         Returns
         -------
         distances : ndarray of shape (n_groups,), float32
             Largest nearest distance of each group, as :meth:`kneighbors`
-            with the exact backend computes it (up to float32 rounding).
+            with the exact backend (or :func:`exact_kneighbors` with the
+            groups) computes it, up to float32 rounding.
         positions : ndarray of shape (n_groups,), int64
             Position of that query in its group (the first one on ties).
         indices : ndarray of shape (n_groups,), int64
@@ -773,18 +780,28 @@ class NearestNeighborIndex(BaseEstimator):
         check_is_fitted(self)
         X = np.ascontiguousarray(X, dtype=np.float32)
         n_groups, n_queries, n_features = X.shape
-        device = check_device(self.device)
         flat = X.reshape(-1, n_features)
         group = np.repeat(np.arange(n_groups), n_queries)
-        if device.type != "cpu":
-            dist, idx = self._exact(flat, 1)
-            query = np.arange(len(flat))
-            return _group_maxima(group, query, dist[:, 0], idx[:, 0], n_queries)
+        if (groups is None) != (bank_groups is None):
+            raise ValueError("groups and bank_groups must be given together.")
+        labels = None
+        if groups is not None:
+            labels, bank_groups = _check_groups(
+                np.repeat(np.asarray(groups), n_queries), bank_groups, len(flat), self.n_samples_fit_, 1
+            )
+        if check_device(self.device).type != "cpu":
+            dist, idx = self._exact(flat, 1, labels, bank_groups)
+            return _group_maxima(group, np.arange(len(flat)), dist[:, 0], idx[:, 0], n_queries)
         q_sq = np.einsum("ij,ij->i", flat, flat)
-        bound = np.sqrt(np.maximum(self._cell_bounds_sq(flat) + q_sq, 0))
+        bound = np.sqrt(np.maximum(self._cell_bounds_sq(flat, labels, bank_groups) + q_sq, 0))
         top = np.argsort(-bound.reshape(n_groups, n_queries), axis=1, kind="stable")[:, :_FLOOR_QUERIES]
         top = (top + n_queries * np.arange(n_groups)[:, None]).ravel()
-        top_dist, top_idx = (a[:, 0] for a in self._exact(flat[top], 1))
+
+        def search(rows):
+            found = self._exact(flat[rows], 1, None if labels is None else labels[rows], bank_groups)
+            return found[0][:, 0], found[1][:, 0]
+
+        top_dist, top_idx = search(top)
         floor = top_dist.reshape(n_groups, -1).max(axis=1)
         # Slack for float32 rounding of the ||a||² - 2ab + ||b||² expansion.
         slack = 1e-6 * (q_sq + self.bank_sq_norms_.max())
@@ -793,13 +810,16 @@ class NearestNeighborIndex(BaseEstimator):
         alive = np.flatnonzero(alive)
         query, dist, idx = top, top_dist, top_idx
         if len(alive):
-            alive_dist, alive_idx = (a[:, 0] for a in self._exact(flat[alive], 1))
-            query, dist = np.r_[alive, top], np.r_[alive_dist, top_dist]
-            idx = np.r_[alive_idx, top_idx]
+            alive_dist, alive_idx = search(alive)
+            query, dist, idx = np.r_[alive, top], np.r_[alive_dist, top_dist], np.r_[alive_idx, top_idx]
         return _group_maxima(group, query, dist, idx, n_queries)
 
-    def _cell_bounds_sq(self, X: np.ndarray) -> np.ndarray:
-        """``||b||² - 2 x·b`` for each query's nearest row among the centres and its nearest cells."""
+    def _cell_bounds_sq(self, X: np.ndarray, labels, bank_groups) -> np.ndarray:
+        """``||b||² - 2 x·b`` for each query's nearest row among the centres and its nearest cells.
+
+        Rows of a query's own label (``labels``, ``bank_groups``) are skipped;
+        a query left with none gets an infinite bound.
+        """
         order, bounds = self.cell_order_, self.cell_bounds_
         n_cells = len(bounds) - 1
         partial = torch.addmm(
@@ -808,8 +828,11 @@ class NearestNeighborIndex(BaseEstimator):
             torch.from_numpy(self.bank_[:n_cells]).T,
             alpha=-2.0,
         )
-        best = partial.min(dim=1).values.numpy()
         near = partial.topk(min(n_cells, _CELLS_PER_QUERY), dim=1, largest=False).indices.numpy()
+        partial = partial.numpy()
+        if labels is not None:
+            partial[labels[:, None] == bank_groups[None, :n_cells]] = np.inf
+        best = partial.min(axis=1)
         # Queries sorted by cell, so each cell is one matrix product: hundreds of
         # small products cost less in NumPy than as torch calls, and on one BLAS
         # thread than on idle threads that then compete with torch's.
@@ -820,20 +843,24 @@ class NearestNeighborIndex(BaseEstimator):
             for c in np.flatnonzero(np.diff(ends, prepend=0)):
                 q = queries[ends[c - 1] if c else 0 : ends[c]]
                 rows = order[bounds[c] : bounds[c + 1]]
-                d = (self.bank_sq_norms_[rows] - 2 * (X[q] @ self.bank_[rows].T)).min(axis=1)
-                best[q] = np.minimum(best[q], d)
+                d = self.bank_sq_norms_[rows] - 2 * (X[q] @ self.bank_[rows].T)
+                if labels is not None:
+                    d[labels[q, None] == bank_groups[None, rows]] = np.inf
+                best[q] = np.minimum(best[q], d.min(axis=1))
         return best
 
-    def _exact(self, X, n_neighbors):
+    def _exact(self, X, n_neighbors, labels=None, bank_groups=None):
         # Straight to the search: re-validating the bank on every call would
         # cost as much as searching it for a few queries.
         device = check_device(self.device)
+        if labels is not None:
+            labels, bank_groups = torch.from_numpy(labels).to(device), torch.from_numpy(bank_groups).to(device)
         return _search(
             torch.from_numpy(X).to(device),
             torch.from_numpy(self.bank_).to(device),
             torch.from_numpy(self.bank_sq_norms_).to(device),
             n_neighbors,
-            None,
-            None,
+            labels,
+            bank_groups,
             self.working_memory,
         )

@@ -232,6 +232,24 @@ def test_thresholds_come_from_a_seeded_subset_of_training_images(tiny_params, te
     np.testing.assert_allclose(det.train_score_samples_, full.train_score_samples_[held_out], rtol=1e-6)
 
 
+def test_pixel_threshold_is_the_largest_map_value_with_fewer_maps_drawn(tiny_params, textures, monkeypatch):
+    import skpatchcore.detector as detector_module
+
+    normal = textures[0][6:]
+    drawn = []
+    maps = detector_module.anomaly_maps
+    monkeypatch.setattr(detector_module, "anomaly_maps", lambda d, **kw: drawn.append(len(d)) or maps(d, **kw))
+    monkeypatch.setattr(detector_module, "_THRESHOLD_MAP_BATCH", 1000)  # every map at once
+    every = PatchCoreDetector(**tiny_params).fit(normal)
+    assert drawn == [10]
+    drawn.clear()
+    monkeypatch.setattr(detector_module, "_THRESHOLD_MAP_BATCH", 1)
+    pruned = PatchCoreDetector(**tiny_params).fit(normal)
+    assert 1 <= sum(drawn) < 10  # maps stop once no other image can rise above
+    assert pruned.pixel_threshold_ == every.pixel_threshold_
+    np.testing.assert_array_equal(pruned.train_score_samples_, every.train_score_samples_)
+
+
 def test_memory_mapped_features_fit_as_in_memory_and_leave_no_file(
     tiny_params, textures, monkeypatch, tmp_path
 ):

@@ -241,6 +241,28 @@ def test_largest_nearest_is_the_exact_maximum(clusters, order):
     assert got[0].dtype == np.float32 and got[1].dtype == got[2].dtype == np.int64
 
 
+def test_largest_nearest_skips_rows_of_the_same_group(clusters):
+    from skpatchcore.scoring import max_patches
+
+    bank, queries = clusters
+    index = NearestNeighborIndex("exact").fit(bank)
+    bank_groups = np.arange(len(bank)) % 5
+    images = np.concatenate([queries[:300], bank[:90] + 0.01]).reshape(3, 130, -1)  # near their own rows
+    groups = np.array([0, 3, 4])
+    dist, idx = exact_kneighbors(
+        images.reshape(-1, images.shape[-1]), bank, 1,
+        query_groups=np.repeat(groups, 130), bank_groups=bank_groups,
+    )
+    want = max_patches(dist[:, 0].reshape(3, 130), idx[:, 0].reshape(3, 130))
+    got = index.largest_nearest(images, groups=groups, bank_groups=bank_groups)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert np.all(bank_groups[got[2]] != groups)
+    with pytest.raises(ValueError, match="together"):
+        index.largest_nearest(images, groups=groups)
+
+
 def test_largest_nearest_searches_few_queries_in_full(clusters, monkeypatch):
     bank, queries = clusters
     index = NearestNeighborIndex("exact").fit(bank)
