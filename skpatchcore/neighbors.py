@@ -836,17 +836,25 @@ class NearestNeighborIndex(BaseEstimator):
         # Queries sorted by cell, so each cell is one matrix product: hundreds of
         # small products cost less in NumPy than as torch calls, and on one BLAS
         # thread than on idle threads that then compete with torch's.
-        cells, queries = near.T.ravel(), np.tile(np.arange(len(X)), near.shape[1])
-        queries = queries[np.argsort(cells, kind="stable")]
+        cells = near.T.ravel()
+        by_cell = np.argsort(cells, kind="stable")
+        queries = by_cell % len(X)
+        X_sorted = X[queries]
+        labels_sorted = None if labels is None else labels[queries]
         ends = np.cumsum(np.bincount(cells, minlength=n_cells))
+        nearest = np.empty(len(cells), dtype=np.float32)
         with _ONE_BLAS_THREAD.limit(limits=1, user_api="blas"):
             for c in np.flatnonzero(np.diff(ends, prepend=0)):
-                q = queries[ends[c - 1] if c else 0 : ends[c]]
+                start, stop = ends[c - 1] if c else 0, ends[c]
                 rows = order[bounds[c] : bounds[c + 1]]
-                d = self.bank_sq_norms_[rows] - 2 * (X[q] @ self.bank_[rows].T)
+                d = self.bank_sq_norms_[rows] - 2 * (X_sorted[start:stop] @ self.bank_[rows].T)
                 if labels is not None:
-                    d[labels[q, None] == bank_groups[None, rows]] = np.inf
-                best[q] = np.minimum(best[q], d.min(axis=1))
+                    d[labels_sorted[start:stop, None] == bank_groups[None, rows]] = np.inf
+                nearest[start:stop] = d.min(axis=1)
+        # Back to query order: each query's cells, side by side.
+        unsorted = np.empty_like(nearest)
+        unsorted[by_cell] = nearest
+        best = np.minimum(best, unsorted.reshape(near.shape[1], len(X)).min(axis=0))
         return best
 
     def _exact(self, X, n_neighbors, labels=None, bank_groups=None):
