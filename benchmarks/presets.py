@@ -1,0 +1,100 @@
+"""The "accurate" preset's cost against the "fast" one's, each in a fresh process.
+
+    python benchmarks/presets.py [--categories bottle screw transistor] [--n-train 100]
+
+For each category under ``../shared/data`` (read there, never copied here),
+both presets of :mod:`skpatchcore.presets` fit on the same ``--n-train``
+training images (the seeded choice of ``skpatchcore benchmark``), files at
+their own resolution, then score the whole test split: ``score_samples``
+(image scores only) and ``anomaly_maps``. Each run is a fresh Python
+process, so its peak RSS is its own; the two presets alternate within a
+category (fast, accurate), so machine drift is shared. Printed per category:
+fit time, ``score_samples`` and ``anomaly_maps`` time per image, peak RSS,
+image AUROC, and the ratios accurate / fast (the target of issue 9: at most
+4x in time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def child(args: dict) -> dict:
+    """Fit one preset on one category and time its scoring."""
+    from skpatchcore.cli import _training_subset, find_categories
+    from skpatchcore.datasets import load_mvtec
+    from skpatchcore.metrics import image_auroc
+    from skpatchcore.presets import make_detector
+
+    folder = next(c for c in find_categories(args["root"]) if c.split("/")[-1] == args["category"])
+    data = load_mvtec(args["root"], folder, image_size=None)
+    train = _training_subset(data.train_images, args["n_train"], 0)
+    det = make_detector(args["preset"], random_state=0)
+    start = time.perf_counter()
+    det.fit(train)
+    fit = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = det.score_samples(data.test_images)
+    score_ms = 1000 * (time.perf_counter() - start) / len(data.test_images)
+    start = time.perf_counter()
+    det.anomaly_maps(data.test_images)
+    maps_ms = 1000 * (time.perf_counter() - start) / len(data.test_images)
+    return {
+        "fit_s": fit,
+        "score_ms": score_ms,
+        "maps_ms": maps_ms,
+        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "image_auroc": image_auroc(data.test_labels, -scores),
+    }
+
+
+def run_child(args: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(args)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, default=DATA)
+    parser.add_argument("--categories", nargs="+", default=["bottle", "screw", "transistor"])
+    parser.add_argument("--n-train", type=int, default=100)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if not args.root.is_dir():
+        print(f"no data at {args.root} (see ../shared/data/README.md)", file=sys.stderr)
+        return 1
+    columns = ("fit_s", "score_ms", "maps_ms", "peak_mib", "image_auroc")
+    print(f"| category | preset | {' | '.join(columns)} |")
+    print("|---|---|" + "---|" * len(columns))
+    for category in args.categories:
+        runs = {}
+        for preset in ("fast", "accurate"):
+            job = {"root": str(args.root), "category": category, "preset": preset, "n_train": args.n_train}
+            runs[preset] = run_child(job)
+            cells = " | ".join(f"{runs[preset][c]:.4g}" for c in columns)
+            print(f"| {category} | {preset} | {cells} |", flush=True)
+        ratios = " | ".join(
+            f"{runs['accurate'][c] / runs['fast'][c]:.2f}x" if c != "image_auroc"
+            else f"{runs['accurate'][c] - runs['fast'][c]:+.3f}"
+            for c in columns
+        )
+        print(f"| {category} | accurate / fast | {ratios} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
