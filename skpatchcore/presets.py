@@ -18,15 +18,17 @@ def _fast() -> PatchCoreDetector:
 
 
 def _accurate() -> PatchCoreDetector:
-    # Twice the resolution finds small defects (MVTec screw: image AUROC 0.71 -> 0.91);
-    # a quarter of the coreset ratio keeps the bank, and so the search cost per
-    # patch, at the fast preset's size. The coarser third stage (blocks.5, stride 32)
-    # gives each patch back the context it loses at 512 px: without it a missing
-    # part reads as normal background (MVTec transistor "misplaced": 0.82 -> 1.00).
+    # Twice the resolution finds small defects (MVTec screw: image AUROC 0.71 -> 0.91).
+    # The coarser third stage (blocks.5, stride 32) gives each patch back the
+    # context it loses at 512 px: without it a missing part reads as normal
+    # background (MVTec transistor "misplaced": 0.82 -> 1.00). A 4 % coreset
+    # (1.6x the fast preset's bank rows) rather than 2.5 % (the same rows) keeps
+    # KolektorSDD's image AUROC level with the fast preset's (0.891 against
+    # 0.887; fast: 0.892).
     return PatchCoreDetector(
         feature_extractor=EfficientNetLiteExtractor("lite0", layers=("blocks.2", "blocks.4", "blocks.5")),
         image_size=512,
-        coreset_ratio=0.025,
+        coreset_ratio=0.04,
     )
 
 
