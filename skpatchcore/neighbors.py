@@ -252,14 +252,19 @@ def exact_kneighbors(
     return _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, working_memory)
 
 
+def _working_memory(working_memory: float | None, bank_bytes: int) -> float:
+    """The MiB budget of a chunk of work buffers: as given, or as much as the bank."""
+    if working_memory is not None:
+        return working_memory
+    # Work buffers scale with the data: a chunk takes no more room than the
+    # bank itself (but enough rows for efficient matrix products).
+    return min(get_config()["working_memory"], max(_MIN_CHUNK_MIB, bank_bytes / 2**20))
+
+
 def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, working_memory):
     """:func:`exact_kneighbors` on validated tensors of one device."""
     n_queries, n_bank = X.shape[0], bank.shape[0]
-    if working_memory is None:
-        # Work buffers scale with the data: a chunk's distances take no more room
-        # than the bank itself (but enough rows for efficient matrix products).
-        bank_mib = n_bank * bank.shape[1] * bank.element_size() / 2**20
-        working_memory = min(get_config()["working_memory"], max(_MIN_CHUNK_MIB, bank_mib))
+    working_memory = _working_memory(working_memory, n_bank * bank.shape[1] * bank.element_size())
     # One float32 distance per bank row, plus as much again for the group mask
     # and the selection's workspace.
     if 8 * n_bank * n_queries <= working_memory * 2**20:
@@ -793,7 +798,18 @@ class NearestNeighborIndex(BaseEstimator):
             dist, idx = self._exact(flat, 1, labels, bank_groups)
             return _group_maxima(group, np.arange(len(flat)), dist[:, 0], idx[:, 0], n_queries)
         q_sq = np.einsum("ij,ij->i", flat, flat)
-        bound = np.sqrt(np.maximum(self._cell_bounds_sq(flat, labels, bank_groups) + q_sq, 0))
+        # A chunk's buffers: its distances to the centres, and its queries gathered
+        # once per cell.
+        n_cells = len(self.cell_bounds_) - 1
+        chunk_n_rows = get_chunk_n_rows(
+            row_bytes=4 * n_cells + 8 * n_features + 64, max_n_rows=len(flat),
+            working_memory=_working_memory(self.working_memory, self.bank_.nbytes),
+        )
+        bound = np.empty(len(flat), dtype=np.float32)
+        for rows in gen_batches(len(flat), chunk_n_rows):
+            chunk_labels = None if labels is None else labels[rows]
+            bound[rows] = self._cell_bounds_sq(flat[rows], chunk_labels, bank_groups)
+        bound = np.sqrt(np.maximum(bound + q_sq, 0))
         top = np.argsort(-bound.reshape(n_groups, n_queries), axis=1, kind="stable")[:, :_FLOOR_QUERIES]
         top = (top + n_queries * np.arange(n_groups)[:, None]).ravel()
 

@@ -241,6 +241,17 @@ def test_largest_nearest_is_the_exact_maximum(clusters, order):
     assert got[0].dtype == np.float32 and got[1].dtype == got[2].dtype == np.int64
 
 
+def test_largest_nearest_bounds_its_buffers_by_working_memory(clusters):
+    bank, queries = clusters
+    images = queries[:480].reshape(4, 120, -1)
+    want = NearestNeighborIndex("exact").fit(bank).largest_nearest(images)
+    small = NearestNeighborIndex("exact", working_memory=0.05).fit(bank)  # a few queries per chunk
+    got = small.largest_nearest(images)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # searched in other chunks: other rounding
+
+
 def test_largest_nearest_skips_rows_of_the_same_group(clusters):
     from skpatchcore.scoring import max_patches
 
