@@ -33,8 +33,8 @@ __all__ = ["PatchCoreDetector"]
 _IN_MEMORY_FEATURE_BYTES = 1 << 30
 # Bank rows projected at a time when partial_fit extends a bank.
 _LEADING_BATCH_ROWS = 4096
-# Training images whose maps are drawn at a time while seeking the pixel threshold.
-_THRESHOLD_MAP_BATCH = 4
+# Training images whose bound maps are drawn at a time while seeking the pixel threshold.
+_THRESHOLD_MAP_BATCH = 16
 
 
 def _size_spec(value) -> bool:
@@ -738,7 +738,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 "scored against the others; increase coreset_ratio."
             )
         flat = patches.reshape(n_images, h * w, dim)
-        largest, patch, nearest = index.largest_nearest(flat, groups=held_out, bank_groups=bank_groups)
+        _, patch, nearest, bounds = index.largest_nearest(
+            flat, groups=held_out, bank_groups=bank_groups, return_bounds=True
+        )
         # Each image may only use the entries of the others.
         k = min(self.n_neighbors, len(bank) - np.bincount(bank_groups).max())
         _, support = exact_kneighbors(
@@ -746,26 +748,34 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             device=self.device,
         )
         scores = reweighted_scores(flat[np.arange(n_images), patch], bank, support)
-        # A map is an average of its patch distances (bilinear upsampling, a
-        # normalised blur), so no map rises above its largest patch distance:
-        # maps are drawn in decreasing order of that distance, only until it
-        # falls below the largest map value so far.
-        pixel_max = 0.0
-        by_largest = np.argsort(-largest, kind="stable")
-        for rows in gen_batches(n_images, _THRESHOLD_MAP_BATCH):
-            batch = by_largest[rows]
-            if largest[batch[0]] * (1 + 1e-5) < pixel_max:
-                break
-            dist, _ = exact_kneighbors(
-                flat[batch].reshape(-1, dim), bank, 1, bank_sq_norms=index.bank_sq_norms_,
-                query_groups=np.repeat(held_out[batch], h * w), bank_groups=bank_groups,
-                device=self.device,
-            )
+
+        def largest_map_values(dist):
             maps = anomaly_maps(
-                torch.from_numpy(dist.reshape(len(batch), h, w)), model_size=size, box=box,
+                torch.from_numpy(dist.reshape(-1, h, w)), model_size=size, box=box,
                 output_size=size, sigma=self.sigma,
             )
-            pixel_max = max(pixel_max, float(maps.max()))
+            return maps.amax(dim=(1, 2)).numpy()
+
+        # A map grows with its patch distances (bilinear upsampling and a
+        # normalised blur average them), so the maps of the search's upper
+        # bounds lie above the true ones, and usually on them: only images whose
+        # bound map can still beat the largest true value are searched in full.
+        upper = np.concatenate([
+            largest_map_values(bounds[rows])
+            for rows in gen_batches(n_images, _THRESHOLD_MAP_BATCH)
+        ])
+        # float32 rounding: squared distances off by up to 1e-6 (|x|² + |b|²).
+        tolerance = np.sqrt(1e-6 * (np.einsum("ijk,ijk->ij", flat, flat).max() + index.bank_sq_norms_.max()))
+        pixel_max = 0.0
+        for image in np.argsort(-upper, kind="stable"):
+            if upper[image] + tolerance < pixel_max:
+                break
+            dist, _ = exact_kneighbors(
+                flat[image], bank, 1, bank_sq_norms=index.bank_sq_norms_,
+                query_groups=np.full(h * w, held_out[image]), bank_groups=bank_groups,
+                device=self.device,
+            )
+            pixel_max = max(pixel_max, float(largest_map_values(dist)[0]))
         return scores, pixel_max
 
     # -------------------------------------------------------------- scoring

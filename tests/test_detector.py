@@ -232,22 +232,32 @@ def test_thresholds_come_from_a_seeded_subset_of_training_images(tiny_params, te
     np.testing.assert_allclose(det.train_score_samples_, full.train_score_samples_[held_out], rtol=1e-6)
 
 
-def test_pixel_threshold_is_the_largest_map_value_with_fewer_maps_drawn(tiny_params, textures, monkeypatch):
+def test_pixel_threshold_is_the_largest_leave_one_out_map_value(tiny_params, textures, monkeypatch):
     import skpatchcore.detector as detector_module
+    from skpatchcore.images import crop_box, resized_shape
+    from skpatchcore.maps import anomaly_maps
+    from skpatchcore.neighbors import exact_kneighbors
 
     normal = textures[0][6:]
-    drawn = []
-    maps = detector_module.anomaly_maps
-    monkeypatch.setattr(detector_module, "anomaly_maps", lambda d, **kw: drawn.append(len(d)) or maps(d, **kw))
-    monkeypatch.setattr(detector_module, "_THRESHOLD_MAP_BATCH", 1000)  # every map at once
-    every = PatchCoreDetector(**tiny_params).fit(normal)
-    assert drawn == [10]
-    drawn.clear()
-    monkeypatch.setattr(detector_module, "_THRESHOLD_MAP_BATCH", 1)
-    pruned = PatchCoreDetector(**tiny_params).fit(normal)
-    assert 1 <= sum(drawn) < 10  # maps stop once no other image can rise above
-    assert pruned.pixel_threshold_ == every.pixel_threshold_
-    np.testing.assert_array_equal(pruned.train_score_samples_, every.train_score_samples_)
+    searched = []
+    search = detector_module.exact_kneighbors
+    monkeypatch.setattr(
+        detector_module, "exact_kneighbors", lambda X, *a, **kw: searched.append(len(X)) or search(X, *a, **kw)
+    )
+    det = PatchCoreDetector(**tiny_params).fit(normal)
+    # Every held-out image's map, each searched in full against the others' entries.
+    size = resized_shape(normal.shape[1:3], det.image_size)
+    box = crop_box(size, det.crop_size)
+    patches = np.concatenate([p.numpy() for _, p in det._patch_batches(det.feature_extractor_, normal, size, box, "cpu")])
+    n, h, w, dim = patches.shape
+    dist, _ = exact_kneighbors(
+        patches.reshape(-1, dim), det.memory_bank_, 1, query_groups=np.repeat(np.arange(n), h * w),
+        bank_groups=det.coreset_indices_ // (h * w),
+    )
+    maps = anomaly_maps(torch.from_numpy(dist.reshape(n, h, w)), model_size=size, box=box, output_size=size, sigma=det.sigma)
+    assert det.pixel_threshold_ == pytest.approx(float(maps.max()), rel=1e-5)
+    full_searches = sum(1 for rows in searched if rows == h * w)
+    assert 1 <= full_searches < n  # only images whose bound map could hold the largest value
 
 
 def test_memory_mapped_features_fit_as_in_memory_and_leave_no_file(

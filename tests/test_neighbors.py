@@ -222,13 +222,16 @@ def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
     assert np.all(got_dist >= want_dist * (1 - 1e-3))
 
 
+@pytest.mark.parametrize("more_cells", [False, True])
 @pytest.mark.parametrize("order", ["greedy", "shuffled"])
-def test_largest_nearest_is_the_exact_maximum(clusters, order):
+def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, monkeypatch):
     from skpatchcore.coreset import k_center_greedy
     from skpatchcore.scoring import max_patches
 
     bank, queries = clusters
-    if order == "greedy":  # the order of a coreset bank, where the first blocks prune best
+    if more_cells:  # the second round (more cells, raised floors) even for a few queries
+        monkeypatch.setattr(neighbors, "_MORE_CELLS_MIN_WORK", 0)
+    if order == "greedy":  # the order of a coreset bank, whose first rows are spread
         bank = bank[k_center_greedy(torch.from_numpy(bank), len(bank), 0)[0].numpy()]
     index = NearestNeighborIndex("exact").fit(bank)
     images = np.concatenate([queries, bank[:20] + 0.01]).reshape(4, 130, -1)
@@ -239,6 +242,21 @@ def test_largest_nearest_is_the_exact_maximum(clusters, order):
     np.testing.assert_array_equal(got[2], want[2])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     assert got[0].dtype == np.float32 and got[1].dtype == got[2].dtype == np.int64
+
+
+def test_largest_nearest_bounds_are_upper_bounds_and_mostly_exact(clusters):
+    bank, queries = clusters
+    index = NearestNeighborIndex("exact").fit(bank)
+    images = queries[:480].reshape(4, 120, -1)
+    *found, bounds = index.largest_nearest(images, return_bounds=True)
+    for got, want in zip(found, index.largest_nearest(images)):
+        np.testing.assert_array_equal(got, want)
+    exact = index.kneighbors(images.reshape(480, -1))[0][:, 0].reshape(4, 120)
+    # float32 rounding of the expansion: squared distances off by 1e-6 (|x|² + |b|²)
+    tolerance = np.sqrt(1e-6 * ((images**2).sum(-1).max() + (bank**2).sum(1).max()))
+    assert bounds.shape == (4, 120) and np.all(bounds >= exact - tolerance)
+    assert np.mean(np.isclose(bounds, exact, rtol=1e-5)) > 0.5
+    np.testing.assert_allclose(bounds[np.arange(4), found[1]], found[0], rtol=1e-6)
 
 
 def test_largest_nearest_bounds_its_buffers_by_working_memory(clusters):
@@ -252,11 +270,14 @@ def test_largest_nearest_bounds_its_buffers_by_working_memory(clusters):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # searched in other chunks: other rounding
 
 
-def test_largest_nearest_skips_rows_of_the_same_group(clusters):
+@pytest.mark.parametrize("more_cells", [False, True])
+def test_largest_nearest_skips_rows_of_the_same_group(clusters, more_cells, monkeypatch):
     from skpatchcore.scoring import max_patches
 
     bank, queries = clusters
     index = NearestNeighborIndex("exact").fit(bank)
+    if more_cells:
+        monkeypatch.setattr(neighbors, "_MORE_CELLS_MIN_WORK", 0)
     bank_groups = np.arange(len(bank)) % 5
     images = np.concatenate([queries[:300], bank[:90] + 0.01]).reshape(3, 130, -1)  # near their own rows
     groups = np.array([0, 3, 4])

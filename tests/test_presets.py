@@ -20,14 +20,14 @@ def test_fast_is_the_papers_recipe_on_lite0():
     assert det.feature_extractor.variant == "lite0"
 
 
-def test_accurate_doubles_the_resolution_and_keeps_the_bank_size():
+def test_accurate_doubles_the_resolution_with_a_larger_bank():
     det = make_detector("accurate")
-    assert (det.image_size, det.coreset_ratio) == (512, 0.04)
+    assert (det.image_size, det.coreset_ratio, det.algorithm) == (512, 0.04, "exact")
     assert isinstance(det.feature_extractor, EfficientNetLiteExtractor)
     # A coarser stage than the fast preset's, for context at the higher resolution.
     assert det.feature_extractor.layers == ("blocks.2", "blocks.4", "blocks.5")
-    # 4x the patches at a quarter of the ratio: the fast preset's bank size.
-    assert 4 * det.coreset_ratio == pytest.approx(make_detector("fast").coreset_ratio)
+    # 4x the patches at 0.4x the ratio: 1.6x the fast preset's bank size.
+    assert 4 * det.coreset_ratio == pytest.approx(1.6 * make_detector("fast").coreset_ratio)
 
 
 def test_parameters_are_set_on_top_of_the_preset():
