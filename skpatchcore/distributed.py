@@ -327,9 +327,12 @@ class _Shard:
         }
 
     def leave_one_out(self, detector, bank, bank_groups, held_out):
-        """Leave-one-image-out scores and map maxima of this shard's ``held_out`` images."""
+        """Leave-one-image-out scores and largest map value of this shard's ``held_out`` images."""
         patches = self.features[held_out - self.offset].astype(np.float32, copy=False)
-        return detector._leave_one_out(patches, held_out, bank, bank_groups, self.size, self.box)
+        # An exact index of the bank here (its cells cost one pass over the bank):
+        # the client's may hold a pynndescent graph not worth shipping.
+        index = NearestNeighborIndex("exact", device=detector.device).fit(bank)
+        return detector._leave_one_out(index, patches, held_out, bank_groups, self.size, self.box)
 
     def __getstate__(self):
         # A memory map does not travel: a shard moved (or spilled) by Dask goes in memory.
@@ -497,7 +500,7 @@ def fit_sharded(
         for future in [job, *shards]:
             future.release()
     loo_scores = np.concatenate([scores for scores, _ in results])
-    pixel_threshold = float(max(maxima.max() for _, maxima in results if len(maxima)))
+    pixel_threshold = max(pixel_max for _, pixel_max in results)
     detector._set_fitted(
         net, index, coreset, held_out, loo_scores, pixel_threshold, image_shape,
         feature_shape, n_images,
@@ -508,7 +511,7 @@ def fit_sharded(
 def _shard_leave_one_out(shard, job, bank_data, held_out):
     bank, groups = bank_data
     if not len(held_out):
-        return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)
+        return np.empty(0, dtype=np.float32), 0.0
     return shard.leave_one_out(job.detector, bank, groups, held_out)
 
 
