@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._device import check_device, module_on
 from ._memory import check_fits_in_memory
 from .coreset import ProjectedRows, coreset_size
-from .feature_cache import cached_patch_embeddings
+from .feature_cache import cached_patch_embeddings, load_network
 from .features import FeatureExtractor, TorchvisionExtractor
 from .images import check_images, common_size_images, crop_box, resized_shape, size_groups
 from .maps import anomaly_maps
@@ -172,7 +172,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         with identical results. Scoring is keyed on the ``feature_extractor``
         parameter too, so leave it as fitted. The cache holds float32
         features of every image it sees (``n * h * w * D * 4`` bytes per
-        call); clear it with ``memory.clear()``. None caches nothing.
+        call); clear it with ``memory.clear()``. The last network built is
+        also kept in memory, so later fits with the same extractor copy it
+        rather than build it again. None caches nothing.
     verbose : int, default=0
         Log the fitting stages and their times (``logging``, logger
         ``"skpatchcore"``, shown on stderr when logging is not configured)
@@ -564,7 +566,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         extractor = self.feature_extractor
         if isinstance(extractor, str):
             extractor = TorchvisionExtractor(extractor)
-        return extractor.load().to(device)
+        return load_network(extractor, self.memory).to(device)
 
     def _build_index(self, bank, n_queries: int, seed: int, device) -> NearestNeighborIndex:
         """The nearest-neighbour index over ``bank``, its backend chosen for ``n_queries``."""

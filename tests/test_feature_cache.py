@@ -112,3 +112,24 @@ def test_grid_search_runs_the_network_once_per_fold(tmp_path, counted, labelled)
     np.testing.assert_array_equal(
         search.cv_results_["mean_test_score"], plain.cv_results_["mean_test_score"]
     )
+
+
+def test_with_memory_a_search_builds_its_network_once(tmp_path, textures, monkeypatch):
+    from skpatchcore import feature_cache
+
+    builds = []
+    load = TorchvisionExtractor.load
+    monkeypatch.setattr(TorchvisionExtractor, "load", lambda self: builds.append(1) or load(self))
+    monkeypatch.setattr(feature_cache, "_LAST_NETWORK", {})
+    extractor = TorchvisionExtractor("resnet18", layers=("layer1", "layer2"), weights=None)
+    params = dict(feature_extractor=extractor, image_size=64, coreset_ratio=0.2, random_state=0)
+    normal = textures[0]
+    plain = [PatchCoreDetector(**params).fit(normal) for _ in range(2)]
+    assert len(builds) == 2  # without a cache, every fit builds its network
+    cached = [PatchCoreDetector(memory=Memory(tmp_path, verbose=0), **params).fit(normal) for _ in range(2)]
+    assert len(builds) == 3  # one more build, then copies of it
+    assert cached[0].feature_extractor_ is not cached[1].feature_extractor_
+    np.testing.assert_array_equal(cached[1].score_samples(normal), plain[0].score_samples(normal))
+    PatchCoreDetector(memory=Memory(tmp_path, verbose=0), **{**params, "feature_extractor": TorchvisionExtractor(
+        "resnet18", layers=("layer2", "layer3"), weights=None)}).fit(normal)
+    assert len(builds) == 4  # another extractor: built anew
