@@ -765,8 +765,9 @@ class NearestNeighborIndex(BaseEstimator):
         bounds were loose, as for training patches scored without their own
         image), they search their next 6 cells first and the floors are raised
         from the tighter bounds: leave-one-out scores of 100 bottle training
-        images at 512 px took 7.5 s instead of 26 s that way. Any bank order gives the same
-        result, more slowly when the first rows are not spread over the bank.
+        images at 512 px took 7.5 s instead of 26 s that way. Any bank order
+        gives the same result, more slowly when the first rows are not spread
+        over the bank.
         On other devices the search is plain and complete.
 
         Parameters
