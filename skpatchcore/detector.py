@@ -173,8 +173,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         parameter too, so leave it as fitted. The cache holds float32
         features of every image it sees (``n * h * w * D * 4`` bytes per
         call); clear it with ``memory.clear()``. The last network built is
-        also kept in memory, so later fits with the same extractor copy it
-        rather than build it again. None caches nothing.
+        also kept in memory: later fits in the process with the same
+        extractor and device share it as their ``feature_extractor_``
+        rather than build their own. None caches nothing.
     verbose : int, default=0
         Log the fitting stages and their times (``logging``, logger
         ``"skpatchcore"``, shown on stderr when logging is not configured)
@@ -566,7 +567,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         extractor = self.feature_extractor
         if isinstance(extractor, str):
             extractor = TorchvisionExtractor(extractor)
-        return load_network(extractor, self.memory).to(device)
+        return load_network(extractor, self.memory, device)
 
     def _build_index(self, bank, n_queries: int, seed: int, device) -> NearestNeighborIndex:
         """The nearest-neighbour index over ``bank``, its backend chosen for ``n_queries``."""

@@ -17,7 +17,6 @@ bytes of their ``state_dict``.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import joblib
@@ -75,38 +74,43 @@ def extractor_token(extractor: str | FeatureExtractor) -> str:
     return joblib.hash((f"{cls.__module__}.{cls.__qualname__}", params))
 
 
-# The last network built for a detector with a feature cache, by extractor token.
-_LAST_NETWORK: dict[str, nn.Module] = {}
+# The last network built for a detector with a feature cache, by extractor token and device.
+_LAST_NETWORK: dict[tuple[str, str], nn.Module] = {}
 
 
-def load_network(extractor: FeatureExtractor, memory) -> nn.Module:
-    """``extractor.load()``, built once per process for detectors with a feature cache.
+def load_network(extractor: FeatureExtractor, memory, device="cpu") -> nn.Module:
+    """``extractor.load()`` on ``device``, built once per process for detectors with a feature cache.
 
     In a cached search every candidate's fit reads its features from the
-    cache, yet still needs its own network: building Lite0 (timm model,
-    weights, traced graph) took 0.34-0.45 s, a copy of a built one 0.10-0.13 s.
-    With ``memory`` set, the last network built is kept and each fit gets a
-    copy of it while the extractor's token is unchanged. A
-    :class:`~skpatchcore.ModuleExtractor` always wraps its own module.
+    cache, yet each fitted detector holds a network: building Lite0 (timm
+    model, weights, traced graph) took 0.34-0.45 s, a deep copy of a built
+    one 0.10-0.13 s, either of them more than a candidate's coreset at
+    128 px. With ``memory`` set, the last network built is kept and every
+    later fit with the same extractor token and device shares it. The
+    network is frozen and only run in inference, and every use moves it to
+    its own device first, so sharing cannot change any detector's output.
+    A :class:`~skpatchcore.ModuleExtractor` always wraps its own module.
 
     Parameters
     ----------
     extractor : FeatureExtractor
     memory : None, str or joblib.Memory
         The detector's ``memory`` parameter.
+    device : str or torch.device, default="cpu"
 
     Returns
     -------
     net : torch.nn.Module
-        A network of the fit's own.
+        On ``device``; the fit's own without ``memory``, else shared.
     """
     if check_memory(memory).location is None or isinstance(extractor, ModuleExtractor):
-        return extractor.load()
-    token = extractor_token(extractor)
-    if token not in _LAST_NETWORK:
+        return extractor.load().to(device)
+    key = (extractor_token(extractor), str(torch.device(device)))
+    if key not in _LAST_NETWORK:
         _LAST_NETWORK.clear()  # one network at a time: a search uses one extractor
-        _LAST_NETWORK[token] = extractor.load()
-    return copy.deepcopy(_LAST_NETWORK[token])
+        _LAST_NETWORK[key] = extractor.load()
+    # Scoring on another device moves a detector's network there in place.
+    return _LAST_NETWORK[key].to(device)
 
 
 def _all_patch_embeddings(
