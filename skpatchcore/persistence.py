@@ -251,14 +251,16 @@ class _Encoder:
 
     def __init__(self) -> None:
         self.tensors: dict[str, np.ndarray] = {}
-        self._names: dict[int, str] = {}  # arrays shared between attributes are stored once
+        # Arrays shared between attributes are stored once. Each array is kept
+        # alive here: a freed temporary's id could be reused by another array.
+        self._names: dict[int, tuple[np.ndarray, str]] = {}
 
     def _array(self, value: np.ndarray, name: str) -> dict:
         if id(value) in self._names:
-            return {"array": self._names[id(value)]}
+            return {"array": self._names[id(value)][1]}
         if value.dtype.kind not in "biuf":
             raise TypeError(f"Cannot save {name}: arrays of dtype {value.dtype} are not supported.")
-        self._names[id(value)] = name
+        self._names[id(value)] = (value, name)
         self.tensors[name] = np.ascontiguousarray(value)
         return {"array": name}
 
