@@ -430,6 +430,11 @@ class NearestNeighborIndex(BaseEstimator):
         ``sqrt(2 * n_samples_fit_)``, the cell centres).
     cell_bounds_ : ndarray of shape (n_cells + 1,), int64
         Cell ``c`` holds ``cell_order_[cell_bounds_[c]:cell_bounds_[c + 1]]``.
+    cell_rows_ : ndarray of shape (n_samples_fit_, n_features_in_ + 1), float32
+        The bank in cell order as ``[-2 b, ||b||²]``, so that one matrix
+        product with ``[x, 1]`` gives a cell's ``||b||² - 2 x·b`` from a
+        contiguous slice (a second copy of the bank, the price of a fast
+        :meth:`largest_nearest`).
     n_features_in_ : int
         Number of features of the bank.
     n_samples_fit_ : int
@@ -578,6 +583,9 @@ class NearestNeighborIndex(BaseEstimator):
             self.principal_axes_, self.bank_projected_ = _principal_projection(self.bank_)
             self._bank_projected_sq_norms = _squared_norms(torch.from_numpy(self.bank_projected_))
         self.cell_order_, self.cell_bounds_ = _bank_cells(self.bank_, self.bank_sq_norms_, self.working_memory)
+        self.cell_rows_ = np.empty((self.n_samples_fit_, self.n_features_in_ + 1), dtype=np.float32)
+        np.multiply(self.bank_[self.cell_order_], -2.0, out=self.cell_rows_[:, :-1])
+        self.cell_rows_[:, -1] = self.bank_sq_norms_[self.cell_order_]
         return self
 
     def _build_pynndescent(self):
@@ -897,16 +905,17 @@ class NearestNeighborIndex(BaseEstimator):
         cells = near.T.ravel()
         by_cell = np.argsort(cells, kind="stable")
         queries = by_cell % len(X)
-        X_sorted = X[queries]
+        X_sorted = np.ones((len(queries), X.shape[1] + 1), dtype=np.float32)  # [x, 1]
+        np.take(X, queries, axis=0, out=X_sorted[:, :-1])
         labels_sorted = None if labels is None else labels[queries]
         ends = np.cumsum(np.bincount(cells, minlength=n_cells))
         nearest = np.empty(len(cells), dtype=np.float32)
         with _ONE_BLAS_THREAD.limit(limits=1, user_api="blas"):
             for c in np.flatnonzero(np.diff(ends, prepend=0)):
                 start, stop = ends[c - 1] if c else 0, ends[c]
-                rows = order[bounds[c] : bounds[c + 1]]
-                d = self.bank_sq_norms_[rows] - 2 * (X_sorted[start:stop] @ self.bank_[rows].T)
+                d = X_sorted[start:stop] @ self.cell_rows_[bounds[c] : bounds[c + 1]].T
                 if labels is not None:
+                    rows = order[bounds[c] : bounds[c + 1]]
                     d[labels_sorted[start:stop, None] == bank_groups[None, rows]] = np.inf
                 nearest[start:stop] = d.min(axis=1)
         # Back to query order: each query's cells, side by side.
