@@ -28,6 +28,8 @@ def test_accurate_doubles_the_resolution_with_a_larger_bank():
     assert det.feature_extractor.layers == ("blocks.2", "blocks.4", "blocks.5")
     # 4x the patches at 0.4x the ratio: 1.6x the fast preset's bank size.
     assert 4 * det.coreset_ratio == pytest.approx(1.6 * make_detector("fast").coreset_ratio)
+    # One image per forward pass (cache-friendly on a CPU), exact search (no graph build).
+    assert (det.batch_size, det.algorithm) == (1, "exact")
 
 
 def test_parameters_are_set_on_top_of_the_preset():
