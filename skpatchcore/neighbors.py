@@ -905,8 +905,9 @@ class NearestNeighborIndex(BaseEstimator):
         cells = near.T.ravel()
         by_cell = np.argsort(cells, kind="stable")
         queries = by_cell % len(X)
-        X_sorted = np.ones((len(queries), X.shape[1] + 1), dtype=np.float32)  # [x, 1]
-        np.take(X, queries, axis=0, out=X_sorted[:, :-1])
+        augmented = np.ones((len(X), X.shape[1] + 1), dtype=np.float32)  # [x, 1]
+        augmented[:, :-1] = X
+        X_sorted = augmented[queries]  # whole rows: a fast gather
         labels_sorted = None if labels is None else labels[queries]
         ends = np.cumsum(np.bincount(cells, minlength=n_cells))
         nearest = np.empty(len(cells), dtype=np.float32)
