@@ -1,6 +1,7 @@
 """Grid search with and without cached patch features (``PatchCoreDetector(memory=...)``).
 
     python benchmarks/search.py [--n-train 12] [--n-good 20] [--n-defective 15] [--image-size 128]
+                                [--batch-size 4]
 
 A ``GridSearchCV`` of 6 candidates (``coreset_ratio`` x ``sigma``, parameters
 that do not touch the network) x 3 folds, scored by image AUROC, on a subset
@@ -8,7 +9,7 @@ of MVTec AD bottle read from ../shared/data (never copied here): the first
 ``--n-train`` training images plus ``--n-good`` good and ``--n-defective``
 defective test images (spread over the defect types), loaded at
 ``--image-size``. EfficientNet-Lite0 (ImageNet weights), exact neighbours,
-seed 0. The same search runs twice in this process, first without a cache
+seed 0, ``--batch-size`` images per forward pass (default: the detector's). The same search runs twice in this process, first without a cache
 (the baseline), then with an empty ``joblib.Memory`` in a temporary folder;
 both include the final refit. A warm-up fit before them keeps one-off costs
 (loading torch kernels and weights) out of both.
@@ -66,10 +67,10 @@ def load_subset(n_train: int, n_good: int, n_defective: int, image_size: int):
     return X, y
 
 
-def search(X, y, image_size: int, memory) -> tuple[GridSearchCV, float, list[int]]:
+def search(X, y, image_size: int, batch_size: int, memory) -> tuple[GridSearchCV, float, list[int]]:
     detector = PatchCoreDetector(
         feature_extractor=CountingLite0(), image_size=image_size, algorithm="exact",
-        batch_size=32, random_state=0, memory=memory,
+        batch_size=batch_size, random_state=0, memory=memory,
     )
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
     gs = GridSearchCV(detector, GRID, scoring=image_auroc_scorer, cv=cv)
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--n-good", type=int, default=20)
     parser.add_argument("--n-defective", type=int, default=15)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=PatchCoreDetector().batch_size)
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"MVTec AD bottle not found at {DATA}")
@@ -92,15 +94,15 @@ def main() -> None:
     X, y = load_subset(args.n_train, args.n_good, args.n_defective, args.image_size)
     n_candidates = int(np.prod([len(v) for v in GRID.values()]))
     print(f"bottle subset: {len(X)} images ({int(y.sum())} defective) at {args.image_size}px; "
-          f"{n_candidates} candidates x 3 folds + refit")
+          f"{n_candidates} candidates x 3 folds + refit, batches of {args.batch_size}")
     PatchCoreDetector(  # warm-up, untimed
         feature_extractor=CountingLite0(), image_size=args.image_size, algorithm="exact",
         random_state=0,
     ).fit(X[:4])
 
-    plain, plain_time, plain_passes = search(X, y, args.image_size, None)
+    plain, plain_time, plain_passes = search(X, y, args.image_size, args.batch_size, None)
     with tempfile.TemporaryDirectory() as cache:
-        cached, cached_time, cached_passes = search(X, y, args.image_size, cache)
+        cached, cached_time, cached_passes = search(X, y, args.image_size, args.batch_size, cache)
 
     for name, seconds, passes in (
         ("uncached", plain_time, plain_passes), ("cached", cached_time, cached_passes)
