@@ -430,8 +430,9 @@ class NearestNeighborIndex(BaseEstimator):
         ``sqrt(2 * n_samples_fit_)``, the cell centres).
     cell_bounds_ : ndarray of shape (n_cells + 1,), int64
         Cell ``c`` holds ``cell_order_[cell_bounds_[c]:cell_bounds_[c + 1]]``.
-    cell_rows_ : ndarray of shape (n_samples_fit_, n_features_in_ + 1), float32
-        The bank in cell order as ``[-2 b, ||b||²]``, so that one matrix
+    cell_rows_ : ndarray, float32
+        The bank in cell order as ``[-2 b, ||b||²]`` (one column more than
+        ``bank_``), so that one matrix
         product with ``[x, 1]`` gives a cell's ``||b||² - 2 x·b`` from a
         contiguous slice (a second copy of the bank, the price of a fast
         :meth:`largest_nearest`).
