@@ -105,6 +105,9 @@ _MORE_CELLS = (2, 8)
 # per-cell overhead of a few queries costs more than searching them in full).
 _MORE_CELLS_MIN_WORK = 1 << 21
 _ONE_BLAS_THREAD = ThreadpoolController()
+# Banks up to this size keep a second, cell-ordered copy (``cell_rows_``);
+# larger ones gather each cell's rows at every search instead.
+_CELL_ROWS_MAX_BYTES = 256 * 2**20
 
 
 def _as_tensor(A, name: str, device: torch.device) -> torch.Tensor:
@@ -315,6 +318,14 @@ def _bank_cells(bank: np.ndarray, sq_norms: np.ndarray, working_memory) -> tuple
     return np.argsort(cell, kind="stable"), bounds
 
 
+def _augmented_rows(bank: np.ndarray, sq_norms: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``[-2 b, ||b||²]`` for ``bank[rows]``: one product with ``[x, 1]`` gives ``||b||² - 2 x·b``."""
+    out = np.empty((len(rows), bank.shape[1] + 1), dtype=np.float32)
+    np.multiply(bank[rows], -2.0, out=out[:, :-1])
+    out[:, -1] = sq_norms[rows]
+    return out
+
+
 def _group_maxima(group, query, dist, idx, n_queries):
     """Per group, the candidate query of largest distance (the first one on ties)."""
     best = np.lexsort((query, -dist, group[query]))
@@ -430,12 +441,12 @@ class NearestNeighborIndex(BaseEstimator):
         ``sqrt(2 * n_samples_fit_)``, the cell centres).
     cell_bounds_ : ndarray of shape (n_cells + 1,), int64
         Cell ``c`` holds ``cell_order_[cell_bounds_[c]:cell_bounds_[c + 1]]``.
-    cell_rows_ : ndarray, float32
+    cell_rows_ : ndarray, float32, or None
         The bank in cell order as ``[-2 b, ||b||²]`` (one column more than
-        ``bank_``), so that one matrix
-        product with ``[x, 1]`` gives a cell's ``||b||² - 2 x·b`` from a
-        contiguous slice (a second copy of the bank, the price of a fast
-        :meth:`largest_nearest`).
+        ``bank_``), so that one matrix product with ``[x, 1]`` gives a cell's
+        ``||b||² - 2 x·b`` from a contiguous slice: a second copy of the bank,
+        kept for banks up to 256 MiB (a fast :meth:`largest_nearest`); None
+        for larger ones, whose cells are gathered at every search.
     n_features_in_ : int
         Number of features of the bank.
     n_samples_fit_ : int
@@ -584,9 +595,8 @@ class NearestNeighborIndex(BaseEstimator):
             self.principal_axes_, self.bank_projected_ = _principal_projection(self.bank_)
             self._bank_projected_sq_norms = _squared_norms(torch.from_numpy(self.bank_projected_))
         self.cell_order_, self.cell_bounds_ = _bank_cells(self.bank_, self.bank_sq_norms_, self.working_memory)
-        self.cell_rows_ = np.empty((self.n_samples_fit_, self.n_features_in_ + 1), dtype=np.float32)
-        np.multiply(self.bank_[self.cell_order_], -2.0, out=self.cell_rows_[:, :-1])
-        self.cell_rows_[:, -1] = self.bank_sq_norms_[self.cell_order_]
+        small = 4 * self.n_samples_fit_ * (self.n_features_in_ + 1) <= _CELL_ROWS_MAX_BYTES
+        self.cell_rows_ = _augmented_rows(self.bank_, self.bank_sq_norms_, self.cell_order_) if small else None
         return self
 
     def _build_pynndescent(self):
@@ -915,7 +925,11 @@ class NearestNeighborIndex(BaseEstimator):
         with _ONE_BLAS_THREAD.limit(limits=1, user_api="blas"):
             for c in np.flatnonzero(np.diff(ends, prepend=0)):
                 start, stop = ends[c - 1] if c else 0, ends[c]
-                d = X_sorted[start:stop] @ self.cell_rows_[bounds[c] : bounds[c + 1]].T
+                if self.cell_rows_ is not None:
+                    block = self.cell_rows_[bounds[c] : bounds[c + 1]]
+                else:
+                    block = _augmented_rows(self.bank_, self.bank_sq_norms_, order[bounds[c] : bounds[c + 1]])
+                d = X_sorted[start:stop] @ block.T
                 if labels is not None:
                     rows = order[bounds[c] : bounds[c + 1]]
                     d[labels_sorted[start:stop, None] == bank_groups[None, rows]] = np.inf

@@ -222,18 +222,22 @@ def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
     assert np.all(got_dist >= want_dist * (1 - 1e-3))
 
 
+@pytest.mark.parametrize("cell_copy", [True, False])
 @pytest.mark.parametrize("more_cells", [False, True])
 @pytest.mark.parametrize("order", ["greedy", "shuffled"])
-def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, monkeypatch):
+def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, cell_copy, monkeypatch):
     from skpatchcore.coreset import k_center_greedy
     from skpatchcore.scoring import max_patches
 
     bank, queries = clusters
     if more_cells:  # the second round (more cells, raised floors) even for a few queries
         monkeypatch.setattr(neighbors, "_MORE_CELLS_MIN_WORK", 0)
+    if not cell_copy:  # a bank too large to copy in cell order: cells gathered per search
+        monkeypatch.setattr(neighbors, "_CELL_ROWS_MAX_BYTES", 0)
     if order == "greedy":  # the order of a coreset bank, whose first rows are spread
         bank = bank[k_center_greedy(torch.from_numpy(bank), len(bank), 0)[0].numpy()]
     index = NearestNeighborIndex("exact").fit(bank)
+    assert (index.cell_rows_ is not None) == cell_copy
     images = np.concatenate([queries, bank[:20] + 0.01]).reshape(4, 130, -1)
     dist, idx = index.kneighbors(images.reshape(-1, images.shape[-1]), 1)
     want = max_patches(dist[:, 0].reshape(4, 130), idx[:, 0].reshape(4, 130))
@@ -270,11 +274,14 @@ def test_largest_nearest_bounds_its_buffers_by_working_memory(clusters):
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # searched in other chunks: other rounding
 
 
+@pytest.mark.parametrize("cell_copy", [True, False])
 @pytest.mark.parametrize("more_cells", [False, True])
-def test_largest_nearest_skips_rows_of_the_same_group(clusters, more_cells, monkeypatch):
+def test_largest_nearest_skips_rows_of_the_same_group(clusters, more_cells, cell_copy, monkeypatch):
     from skpatchcore.scoring import max_patches
 
     bank, queries = clusters
+    if not cell_copy:
+        monkeypatch.setattr(neighbors, "_CELL_ROWS_MAX_BYTES", 0)
     index = NearestNeighborIndex("exact").fit(bank)
     if more_cells:
         monkeypatch.setattr(neighbors, "_MORE_CELLS_MIN_WORK", 0)
