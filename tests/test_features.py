@@ -247,3 +247,32 @@ def test_lite_extractor_gives_stride_8_and_16_maps(variant, channels):
 def test_unknown_lite_variant_is_rejected():
     with pytest.raises(ValueError, match="lite3"):
         EfficientNetLiteExtractor("lite3").load()
+
+
+def test_built_networks_run_channels_last_with_unchanged_features():
+    net = TorchvisionExtractor("resnet18", layers=("layer2", "layer3"), weights=None).load()
+    conv = net.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images = torch.rand(2, 3, 64, 64)
+    plain = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    plain.channels_last = False
+    with torch.inference_mode():
+        for got, want in zip(net(images), plain(images)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _FlattensNCHW(nn.Module):
+    """A block that views its input as contiguous NCHW, as user code may."""
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return x.view(n, c * h * w).view(n, c, h, w)
+
+
+def test_a_users_module_keeps_its_memory_layout():
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), _FlattensNCHW(), nn.Conv2d(8, 8, 3, stride=2))
+    net = ModuleExtractor(module, ["1", "2"]).load()
+    assert not net.channels_last
+    with torch.inference_mode():
+        maps = net(torch.rand(2, 3, 32, 32))  # a channels-last input would break the view
+    assert [m.shape[1] for m in maps] == [8, 8]
