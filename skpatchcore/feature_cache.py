@@ -97,6 +97,7 @@ def load_network(extractor: FeatureExtractor, memory, device="cpu") -> nn.Module
     memory : None, str or joblib.Memory
         The detector's ``memory`` parameter.
     device : str or torch.device, default="cpu"
+        Where the network is placed.
 
     Returns
     -------

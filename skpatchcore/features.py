@@ -52,7 +52,9 @@ class _LayerFeatures(nn.Module):
 
     channels_last = False  # networks saved before the attribute existed
 
-    def __init__(self, body: nn.Module, layers: Sequence[str], mean, std, *, channels_last: bool = False) -> None:
+    def __init__(
+        self, body: nn.Module, layers: Sequence[str], mean, std, *, channels_last: bool = False
+    ) -> None:
         super().__init__()
         self.body = body.eval()
         self.layers = list(layers)

@@ -319,7 +319,10 @@ def _bank_cells(bank: np.ndarray, sq_norms: np.ndarray, working_memory) -> tuple
 
 
 def _augmented_rows(bank: np.ndarray, sq_norms: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``[-2 b, ||b||²]`` for ``bank[rows]``: one product with ``[x, 1]`` gives ``||b||² - 2 x·b``."""
+    """``[-2 b, ||b||²]`` for ``bank[rows]``.
+
+    One product with ``[x, 1]`` then gives ``||b||² - 2 x·b``.
+    """
     out = np.empty((len(rows), bank.shape[1] + 1), dtype=np.float32)
     np.multiply(bank[rows], -2.0, out=out[:, :-1])
     out[:, -1] = sq_norms[rows]
@@ -595,8 +598,9 @@ class NearestNeighborIndex(BaseEstimator):
             self.principal_axes_, self.bank_projected_ = _principal_projection(self.bank_)
             self._bank_projected_sq_norms = _squared_norms(torch.from_numpy(self.bank_projected_))
         self.cell_order_, self.cell_bounds_ = _bank_cells(self.bank_, self.bank_sq_norms_, self.working_memory)
-        small = 4 * self.n_samples_fit_ * (self.n_features_in_ + 1) <= _CELL_ROWS_MAX_BYTES
-        self.cell_rows_ = _augmented_rows(self.bank_, self.bank_sq_norms_, self.cell_order_) if small else None
+        self.cell_rows_ = None
+        if 4 * self.n_samples_fit_ * (self.n_features_in_ + 1) <= _CELL_ROWS_MAX_BYTES:
+            self.cell_rows_ = _augmented_rows(self.bank_, self.bank_sq_norms_, self.cell_order_)
         return self
 
     def _build_pynndescent(self):
@@ -928,7 +932,8 @@ class NearestNeighborIndex(BaseEstimator):
                 if self.cell_rows_ is not None:
                     block = self.cell_rows_[bounds[c] : bounds[c + 1]]
                 else:
-                    block = _augmented_rows(self.bank_, self.bank_sq_norms_, order[bounds[c] : bounds[c + 1]])
+                    rows = order[bounds[c] : bounds[c + 1]]
+                    block = _augmented_rows(self.bank_, self.bank_sq_norms_, rows)
                 d = X_sorted[start:stop] @ block.T
                 if labels is not None:
                     rows = order[bounds[c] : bounds[c + 1]]
