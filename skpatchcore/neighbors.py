@@ -841,10 +841,10 @@ class NearestNeighborIndex(BaseEstimator):
         q_sq = np.einsum("ij,ij->i", flat, flat)
 
         def bounds(queries, ranks):
-            # In chunks: a chunk's distances to the centres, and its queries
-            # gathered once per cell searched, stay within the working memory.
+            # In chunks: a chunk's distances to the centres, its [x, 1] rows and
+            # their copies gathered once per cell searched stay within the working memory.
             chunk_n_rows = get_chunk_n_rows(
-                row_bytes=4 * len(self.cell_bounds_) + 4 * (ranks[1] - ranks[0]) * n_features + 64,
+                row_bytes=4 * len(self.cell_bounds_) + 4 * (ranks[1] - ranks[0] + 1) * (n_features + 1) + 64,
                 max_n_rows=max(1, len(queries)),
                 working_memory=_working_memory(self.working_memory, self.bank_.nbytes),
             )
@@ -929,15 +929,14 @@ class NearestNeighborIndex(BaseEstimator):
         with _ONE_BLAS_THREAD.limit(limits=1, user_api="blas"):
             for c in np.flatnonzero(np.diff(ends, prepend=0)):
                 start, stop = ends[c - 1] if c else 0, ends[c]
+                cell = slice(bounds[c], bounds[c + 1])
                 if self.cell_rows_ is not None:
-                    block = self.cell_rows_[bounds[c] : bounds[c + 1]]
+                    block = self.cell_rows_[cell]
                 else:
-                    rows = order[bounds[c] : bounds[c + 1]]
-                    block = _augmented_rows(self.bank_, self.bank_sq_norms_, rows)
+                    block = _augmented_rows(self.bank_, self.bank_sq_norms_, order[cell])
                 d = X_sorted[start:stop] @ block.T
                 if labels is not None:
-                    rows = order[bounds[c] : bounds[c + 1]]
-                    d[labels_sorted[start:stop, None] == bank_groups[None, rows]] = np.inf
+                    d[labels_sorted[start:stop, None] == bank_groups[None, order[cell]]] = np.inf
                 nearest[start:stop] = d.min(axis=1)
         # Back to query order: each query's cells, side by side.
         unsorted = np.empty_like(nearest)
