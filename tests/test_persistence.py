@@ -103,6 +103,26 @@ def test_module_extractor_needs_the_module(tiny_params, textures, tmp_path):
     np.testing.assert_array_equal(loaded.score_samples(textures[1]), det.score_samples(textures[1]))
 
 
+def test_non_contiguous_weights_are_each_stored(tiny_params, textures, tmp_path):
+    # Channels-last weights reach the encoder as strided temporaries, each stored as a
+    # contiguous copy: a freed temporary's id must not make a later weight an alias.
+    import torch
+
+    from skpatchcore import ModuleExtractor
+
+    module = tiny_cnn().to(memory_format=torch.channels_last)
+    params = {**tiny_params, "feature_extractor": ModuleExtractor(module, ["layer1", "layer2"])}
+    det = PatchCoreDetector(**params).fit(textures[0][6:])
+    path = tmp_path / "strided.safetensors"
+    skpatchcore.save(det, path)
+    loaded = skpatchcore.load(path, module=tiny_cnn().apply(_scramble))
+    for (name, got), want in zip(
+        loaded.feature_extractor_.state_dict().items(), det.feature_extractor_.state_dict().values()
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    np.testing.assert_array_equal(loaded.score_samples(textures[1]), det.score_samples(textures[1]))
+
+
 def _scramble(layer):
     if hasattr(layer, "weight") and layer.weight is not None:
         layer.weight.data.normal_()
