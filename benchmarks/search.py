@@ -1,7 +1,7 @@
 """Grid search with and without cached patch features (``PatchCoreDetector(memory=...)``).
 
     python benchmarks/search.py [--n-train 12] [--n-good 20] [--n-defective 15] [--image-size 128]
-                                [--batch-size 4]
+                                [--batch-size 4] [--repeats 3]
 
 A ``GridSearchCV`` of 6 candidates (``coreset_ratio`` x ``sigma``, parameters
 that do not touch the network) x 3 folds, scored by image AUROC, on a subset
@@ -9,18 +9,22 @@ of MVTec AD bottle read from ../shared/data (never copied here): the first
 ``--n-train`` training images plus ``--n-good`` good and ``--n-defective``
 defective test images (spread over the defect types), loaded at
 ``--image-size``. EfficientNet-Lite0 (ImageNet weights), exact neighbours,
-seed 0, ``--batch-size`` images per forward pass (default: the detector's). The same search runs twice in this process, first without a cache
-(the baseline), then with an empty ``joblib.Memory`` in a temporary folder;
-both include the final refit. A warm-up fit before them keeps one-off costs
-(loading torch kernels and weights) out of both.
+seed 0, ``--batch-size`` images per forward pass (default: the detector's).
+The same search runs ``--repeats`` times each way in this process,
+alternated so that drift of a shared machine cancels: without a cache (the
+baseline), then with an empty ``joblib.Memory`` in a temporary folder and no
+network kept from before (each cached search builds its network once). Both
+include the final refit. A warm-up fit before them keeps one-off costs
+(loading torch kernels) out of both.
 
 The cache removes network passes only: each candidate still selects its
 coreset and scores its leave-one-out thresholds, so the speed-up is below
 the reduction in network work and grows with the share of the network in a
 fit (more validation images, a heavier backbone).
 
-Printed: both wall times, their ratio, the network's forward passes (batches)
-and images seen in each, and whether both searches give identical scores.
+Printed: both wall times of each repeat and their ratio, the median ratio,
+the network's forward passes (batches) and images seen in each search, and
+whether both searches give identical scores.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-from skpatchcore import EfficientNetLite0Extractor, PatchCoreDetector
+from skpatchcore import EfficientNetLite0Extractor, PatchCoreDetector, feature_cache
 from skpatchcore.datasets import load_mvtec
 from skpatchcore.metrics import image_auroc_scorer
 
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--n-defective", type=int, default=15)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=PatchCoreDetector().batch_size)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"MVTec AD bottle not found at {DATA}")
@@ -100,16 +105,18 @@ def main() -> None:
         random_state=0,
     ).fit(X[:4])
 
-    plain, plain_time, plain_passes = search(X, y, args.image_size, args.batch_size, None)
-    with tempfile.TemporaryDirectory() as cache:
-        cached, cached_time, cached_passes = search(X, y, args.image_size, args.batch_size, cache)
-
-    for name, seconds, passes in (
-        ("uncached", plain_time, plain_passes), ("cached", cached_time, cached_passes)
-    ):
-        print(f"{name:>9}: {seconds:7.1f} s, {len(passes):4d} forward passes, "
-              f"{sum(passes):5d} images through the network")
-    print(f"speed-up: {plain_time / cached_time:.1f}x "
+    ratios = []
+    for repeat in range(args.repeats):
+        plain, plain_time, plain_passes = search(X, y, args.image_size, args.batch_size, None)
+        feature_cache._LAST_NETWORK.clear()  # the cached search builds its own network
+        with tempfile.TemporaryDirectory() as cache:
+            cached, cached_time, cached_passes = search(X, y, args.image_size, args.batch_size, cache)
+        ratios.append(plain_time / cached_time)
+        print(f"repeat {repeat + 1}: uncached {plain_time:5.1f} s, cached {cached_time:5.1f} s, "
+              f"speed-up {ratios[-1]:.1f}x")
+    for name, passes in (("uncached", plain_passes), ("cached", cached_passes)):
+        print(f"{name:>9}: {len(passes):4d} forward passes, {sum(passes):5d} images through the network")
+    print(f"speed-up: median {np.median(ratios):.1f}x over {args.repeats} repeats "
           f"(network images {sum(plain_passes) / sum(cached_passes):.1f}x fewer)")
     same = np.array_equal(plain.cv_results_["mean_test_score"], cached.cv_results_["mean_test_score"])
     print(f"identical cv scores: {same}; best {cached.best_params_} "

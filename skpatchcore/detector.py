@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._device import check_device, module_on
 from ._memory import check_fits_in_memory
 from .coreset import ProjectedRows, coreset_size
-from .feature_cache import cached_patch_embeddings, load_network
+from .feature_cache import cached_coreset, cached_patch_embeddings, feature_key, load_network
 from .features import FeatureExtractor, TorchvisionExtractor
 from .images import check_images, common_size_images, crop_box, resized_shape, size_groups
 from .maps import anomaly_maps
@@ -170,7 +170,11 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         the network (``coreset_ratio``, ``n_neighbors``, ``algorithm``,
         ``contamination``, ``sigma``) then runs the network once per distinct
         training fold and once per test fold instead of once per candidate,
-        with identical results. Scoring is keyed on the ``feature_extractor``
+        with identical results. The coreset selected from them is cached too
+        (keyed also on ``coreset_ratio``, ``coreset_method``,
+        ``projection_dim``, ``batch_size`` and ``random_state``), so
+        candidates that differ only in how they score share one selection.
+        Scoring is keyed on the ``feature_extractor``
         parameter too, so leave it as fitted. The cache holds float32
         features of every image it sees (``n * h * w * D * 4`` bytes per
         call); clear it with ``memory.clear()``. The last network built is
@@ -383,7 +387,11 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                       f"({h}x{w} grid, {dim} dims)", start)
 
             start = time.perf_counter()
-            coreset, _ = projected.select(self.coreset_ratio, method=self.coreset_method)
+            coreset = cached_coreset(
+                self.memory, projected, images, coreset_ratio=self.coreset_ratio,
+                method=self.coreset_method, seed=coreset_seed, projection_dim=self.projection_dim,
+                batch_size=self.batch_size, features=self._feature_key(size, box, device),
+            )
             del projected
             bank = features.reshape(-1, dim)[coreset].astype(np.float32, copy=False)
             self._log(f"coreset of {len(bank)} entries", start)
@@ -615,6 +623,12 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     def _log(self, message: str, start: float) -> None:
         log(f"PatchCoreDetector: {message} in {time.perf_counter() - start:.1f} s", self.verbose)
+
+    def _feature_key(self, size, box, device) -> dict:
+        return feature_key(
+            self.feature_extractor, size=size, box=box, embedding_dim=self.embedding_dim,
+            device=device, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+        )
 
     def _patch_batches(self, net, images, size, box, device):
         """``(batch_slice, patches (b, h, w, D))`` of ``images``, batch by batch."""

@@ -6,7 +6,10 @@ In a ``GridSearchCV`` over parameters that do not touch the network
 :func:`cached_patch_embeddings` stores them with ``joblib.Memory`` under a key
 made of the image bytes and of what determines the network's output: the
 extractor's parameters, the input size and crop, the embedding dimension and
-the device type.
+the device type. :func:`cached_coreset` stores the coreset selected from
+those features under the same key, plus the coreset's parameters and seed,
+so candidates that differ only in how they score (``sigma``,
+``n_neighbors``, ``contamination``, ...) share one selection.
 
 The extractor enters the key through its ``get_params``, not as an object:
 ``joblib.hash`` of a ``torch.nn.Module`` differs between equal copies (and
@@ -26,10 +29,11 @@ from sklearn.utils import gen_batches
 from sklearn.utils.validation import check_memory
 from torch import nn
 
+from .coreset import ProjectedRows
 from .features import FeatureExtractor, ModuleExtractor, TorchvisionExtractor, iter_patch_embeddings
 from .progress import log, progress_bar
 
-__all__ = ["cached_patch_embeddings", "extractor_token", "load_network"]
+__all__ = ["cached_coreset", "cached_patch_embeddings", "extractor_token", "load_network"]
 
 
 def _module_token(module: nn.Module) -> tuple[str, str]:
@@ -188,16 +192,89 @@ def cached_patch_embeddings(
         )
         return
     compute = memory.cache(_all_patch_embeddings, ignore=["net", "batch_size", "device", "verbose"])
-    key = dict(
-        size=tuple(size), box=tuple(box), embedding_dim=embedding_dim,
-        tile_size=tile_size, tile_overlap=tile_overlap if tile_size is not None else None,
-        extractor=extractor_token(extractor), device_type=torch.device(device).type,
+    key = feature_key(
+        extractor, size=size, box=box, embedding_dim=embedding_dim, device=device,
+        tile_size=tile_size, tile_overlap=tile_overlap,
     )
     if verbose and compute.check_call_in_cache(net, images, batch_size=batch_size, device=device, verbose=0, **key):
         log(f"patch features of {len(images)} images read from {memory.location}", verbose)
     patches = compute(net, images, batch_size=batch_size, device=device, verbose=verbose, **key)
     for batch in gen_batches(len(images), batch_size):
         yield batch, torch.from_numpy(patches[batch])
+
+
+def feature_key(
+    extractor: str | FeatureExtractor, *, size, box, embedding_dim, device, tile_size, tile_overlap
+) -> dict:
+    """What, besides the images, determines their patch features: a cache key."""
+    return dict(
+        size=tuple(size), box=tuple(box), embedding_dim=embedding_dim,
+        tile_size=tile_size, tile_overlap=tile_overlap if tile_size is not None else None,
+        extractor=extractor_token(extractor), device_type=torch.device(device).type,
+    )
+
+
+def _coreset_selection(
+    projected, images, *, coreset_ratio, method, seed, projection_dim, batch_size, features
+):
+    """The selected rows of ``projected``; every other argument is only part of the cache key."""
+    indices, _ = projected.select(coreset_ratio, method=method)
+    return indices
+
+
+def cached_coreset(
+    memory,
+    projected: ProjectedRows,
+    images: np.ndarray,
+    *,
+    coreset_ratio: float,
+    method: str,
+    seed: int,
+    projection_dim: int | None,
+    batch_size: int,
+    features: dict,
+) -> np.ndarray:
+    """``projected.select(coreset_ratio, method=method)`` indices, cached in ``memory``.
+
+    A greedy coreset depends only on the projected patch features, so it is
+    keyed on what makes them: the training images' bytes, their
+    :func:`feature_key` and the projection (``projection_dim``, ``seed``,
+    which also draws the start row, and ``batch_size``: rows are projected
+    batch by batch, shifted by the first batch's mean), plus
+    ``coreset_ratio`` and ``method``.
+    Hashing the images costs far less than hashing the features: at 128 px
+    a selection took 46 ms, and in a 6-candidate search over ``coreset_ratio``
+    and ``sigma`` half the selections repeat one made before.
+
+    Parameters
+    ----------
+    memory : None, str or joblib.Memory
+        None (or a Memory without location) selects without caching.
+    projected : ProjectedRows
+        Filled with the patch features of ``images``; read only on a miss.
+    images : ndarray of shape (n, H, W, C)
+        The training images the features came from.
+    coreset_ratio, method
+        As :meth:`ProjectedRows.select`.
+    seed, projection_dim, batch_size
+        The ``random_state``, ``projection_dim`` and images per batch
+        ``projected`` was made with.
+    features : dict
+        The :func:`feature_key` of the features.
+
+    Returns
+    -------
+    indices : ndarray of shape (n_selected,), int64
+        Selected rows, in selection order.
+    """
+    memory = check_memory(memory)
+    select = _coreset_selection if memory.location is None else memory.cache(
+        _coreset_selection, ignore=["projected"]
+    )
+    return select(
+        projected, images, coreset_ratio=coreset_ratio, method=method, seed=seed,
+        projection_dim=projection_dim, batch_size=batch_size, features=features,
+    )
 
 
 def _with_progress(batches, total: int, verbose):

@@ -94,6 +94,26 @@ def test_refit_and_rescore_read_the_cache_without_forward_passes(tmp_path, count
     assert len(calls) == 2
 
 
+def test_fits_differing_only_in_scoring_share_one_coreset_selection(tmp_path, tiny_params, textures, monkeypatch):
+    from skpatchcore.coreset import ProjectedRows
+
+    selections = []
+    select = ProjectedRows.select
+    monkeypatch.setattr(ProjectedRows, "select", lambda self, *a, **k: selections.append(1) or select(self, *a, **k))
+    normal = textures[0]
+    plain = PatchCoreDetector(**tiny_params, sigma=2.0, n_neighbors=3).fit(normal)
+    PatchCoreDetector(**tiny_params, memory=str(tmp_path)).fit(normal)
+    assert len(selections) == 2
+    shared = PatchCoreDetector(**tiny_params, sigma=2.0, n_neighbors=3, memory=str(tmp_path)).fit(normal)
+    assert len(selections) == 2  # read from the cache
+    np.testing.assert_array_equal(shared.coreset_indices_, plain.coreset_indices_)
+    assert (shared.offset_, shared.pixel_threshold_) == (plain.offset_, plain.pixel_threshold_)
+    # What the selection depends on: the ratio, the seed, the projection and its batches.
+    for change in ({"coreset_ratio": 0.2}, {"random_state": 1}, {"projection_dim": 16}, {"batch_size": 3}):
+        PatchCoreDetector(**{**tiny_params, **change}, memory=str(tmp_path)).fit(normal)
+    assert len(selections) == 6
+
+
 def test_grid_search_runs_the_network_once_per_fold(tmp_path, counted, labelled):
     params, calls = counted
     X, y = labelled

@@ -314,6 +314,32 @@ def test_largest_nearest_searches_few_queries_in_full(clusters, monkeypatch):
     assert sum(rows_searched) < 0.5 * 480 * len(bank)  # pruned, yet exact (test above)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_largest_nearest_searches_a_small_bank_in_one_pass(clusters, grouped, monkeypatch):
+    from skpatchcore.scoring import max_patches
+
+    bank, queries = clusters
+    bank = bank[: neighbors._FULL_SEARCH_MAX_ROWS]
+    index = NearestNeighborIndex("exact").fit(bank)
+    images = queries[:480].reshape(4, 120, -1)
+    groups, bank_groups = (np.arange(4), np.arange(len(bank)) % 4) if grouped else (None, None)
+    dist, idx = exact_kneighbors(
+        images.reshape(480, -1), bank, 1, bank_groups=bank_groups,
+        query_groups=None if groups is None else np.repeat(groups, 120),
+    )
+    want = max_patches(dist[:, 0].reshape(4, 120), idx[:, 0].reshape(4, 120))
+    searches = []
+    search = neighbors._search
+    monkeypatch.setattr(neighbors, "_search", lambda X, B, *a: searches.append((len(X), len(B))) or search(X, B, *a))
+    monkeypatch.setattr(index, "_cell_bounds_sq", None)  # the cells are not used
+    *got, bounds = index.largest_nearest(images, groups=groups, bank_groups=bank_groups, return_bounds=True)
+    assert searches == [(480, len(bank))]
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(bounds, dist[:, 0].reshape(4, 120), rtol=1e-6)
+
+
 def test_bank_cells_partition_the_bank_by_nearest_centre(clusters):
     bank, _ = clusters
     index = NearestNeighborIndex("exact").fit(bank)
