@@ -696,7 +696,9 @@ class NearestNeighborIndex(BaseEstimator):
             ``bank_[neighbors]``.
         """
         check_is_fitted(self)
-        neighbors = self.kneighbors(self.bank_[np.asarray(indices)], n_neighbors, exact=True)[1]
+        _check_n_neighbors(n_neighbors, self.n_samples_fit_)
+        # Bank rows need no validation: as kneighbors(exact=True), without its cost.
+        neighbors = self._exact(self.bank_[np.asarray(indices)], n_neighbors)[1]
         return neighbors, self.bank_[neighbors]
 
     def _query(self, X, n_neighbors):
