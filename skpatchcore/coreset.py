@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from numbers import Integral, Real
 
 import numpy as np
@@ -44,6 +47,9 @@ _MIN_BLOCK, _MAX_BLOCK = 8, 256
 # Leading coordinates (principal axes) that bound distances from below in the accelerated
 # method: a coarse screen of every candidate pair, then a finer one of the pairs left.
 _COARSE_DIM, _FINE_DIM = 16, 32
+# Fewest points a thread of the accelerated method screens: below, waiting for the
+# threads every round would cost more than it saves.
+_MIN_SHARE_ROWS = 1 << 14
 # Largest dimension rotated onto its principal axes (the rotation costs n * dim^2).
 _MAX_ROTATED_DIM = 256
 
@@ -105,7 +111,22 @@ def _plain_greedy(Z, n_centers, initial, verbose):
     return selected, min_sq
 
 
-def _accelerated_greedy(Z, n_centers, initial, verbose):
+class _Share:
+    """A contiguous share of the points, screened and updated by one thread.
+
+    Views of the selection's arrays (updates write through), with buffers of
+    its own.
+    """
+
+    def __init__(self, rows: slice, Z, coarse, fine, coarse_sq, fine_sq, min_sq, nearest):
+        self.Z, self.coarse, self.fine = Z[rows], coarse[rows], fine[rows]
+        self.coarse_sq, self.fine_sq = coarse_sq[rows], fine_sq[rows]
+        self.min_sq, self.nearest = min_sq[rows], nearest[rows]
+        self.dist, self.scratch = torch.empty(len(self.Z), device=Z.device), _scratch(Z)
+        self.rows = torch.empty(_CHUNK_ROWS, Z.shape[1], dtype=Z.dtype, device=Z.device)
+
+
+def _accelerated_greedy(Z, n_centers, initial, verbose, n_threads=1):
     """Same sequence as :func:`_plain_greedy`, with most of its work pruned.
 
     Each round takes the ``block`` farthest points, ordered as the plain
@@ -120,6 +141,10 @@ def _accelerated_greedy(Z, n_centers, initial, verbose):
     axes (as :class:`ProjectedRows` arranges). Survivors get the exact distance,
     computed as the plain method does. The centres given in ``initial`` go
     through the same update, in blocks, before the greedy picks.
+
+    With ``n_threads`` > 1 the points are split into that many shares, each
+    screened and updated by its own thread (torch releases the GIL in its
+    ops); the picks, and so the sequence, are the same.
     """
     n, dim = Z.shape
     start = int(initial[0])
@@ -127,8 +152,6 @@ def _accelerated_greedy(Z, n_centers, initial, verbose):
     sq_norms = _sq_norms(Z)
     # Bounds use |a|^2 - 2 a.b + |b|^2 by matrix products; this covers their rounding.
     tol = 16 * dim * torch.finfo(torch.float32).eps * float(sq_norms.max())
-    scratch = _scratch(Z)
-    rows = torch.empty(_CHUNK_ROWS, dim, dtype=Z.dtype, device=device)
     q1, q2 = min(_COARSE_DIM, dim), min(_FINE_DIM, dim)
     coarse, fine = Z[:, :q1], Z[:, :q2]
     coarse_sq, fine_sq = _sq_norms(coarse), _sq_norms(fine)
@@ -136,68 +159,83 @@ def _accelerated_greedy(Z, n_centers, initial, verbose):
     centers_fine[0] = fine[start]
     positions = torch.arange(_MAX_BLOCK, device=device)
 
-    dist = torch.empty(n, device=device)
-    min_sq = _distances_to(Z, Z[start].float(), torch.empty(n, device=device), scratch)
+    min_sq = _distances_to(Z, Z[start].float(), torch.empty(n, device=device), _scratch(Z))
     min_sq[start] = _SELECTED
     nearest = torch.zeros(n, dtype=torch.long, device=device)  # selection position
     selected = torch.empty(n_centers, dtype=torch.long, device=device)
     selected[0] = start
     report = _Progress(n_centers, verbose)
+    shares = [
+        _Share(rows, Z, coarse, fine, coarse_sq, fine_sq, min_sq, nearest)
+        for rows in _batches(n, -(-n // n_threads))
+    ]
 
-    t, block = 1, _MIN_BLOCK
-    while t < n_centers:
-        if t < len(initial):  # given centres: nothing to choose, only the update below
-            far = initial[t : min(len(initial), t + _MAX_BLOCK)]
-            size = len(far)
-            C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
-        else:
-            far, C, C_sq, size = _next_picks(Z, sq_norms, min_sq, min(block, n_centers - t), tol)
-
-        # Triangle inequality through each point's nearest centre p, for the closest new
-        # centre; d(p, c) is itself bounded below on the fine coordinates, 4x cheaper.
-        C_fine, C_fine_sq = C[:, :q2], fine_sq.index_select(0, far)
-        via = _min_pairwise_sq(
-            centers_fine[:t], fine_sq.index_select(0, selected[:t]), C_fine, C_fine_sq
-        )
-        via.sub_(tol).mul_(0.25)  # d(p, c)^2 < 4 r^2 + tol, with one comparison per point
-        near = (via.index_select(0, nearest) < min_sq).nonzero().squeeze(1)
-
-        # Leading-coordinate bounds |s_x - s_c|^2 < r^2, written for a matrix product as
-        # |s_c|^2 - 2 s_x.s_c < r^2 - |s_x|^2 + tol: coarse for all, fine for the points left.
-        C_coarse, C_coarse_sq = C[:, :q1], coarse_sq.index_select(0, far)
-        rhs = min_sq.sub(coarse_sq).add_(tol)
-        dense = len(near) > n // 2  # then read the coordinates in place rather than gather
-        step = max(1, min(_BOUND_ELEMENTS // size, _SCREEN_ROWS))
-        for i, b in enumerate(_batches(n if dense else len(near), step)):
-            if dense:
-                S, R = coarse[b], rhs[b]
+    with ThreadPoolExecutor(len(shares), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        t, block = 1, _MIN_BLOCK
+        while t < n_centers:
+            if t < len(initial):  # given centres: nothing to choose, only the update below
+                far = initial[t : min(len(initial), t + _MAX_BLOCK)]
+                size = len(far)
+                C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
             else:
-                idx = near[b]
-                S, R = coarse.index_select(0, idx), rhs.index_select(0, idx)
-            G = torch.addmm(C_coarse_sq[:, None], C_coarse, S.float().T, alpha=-2)
-            hit = (G.amin(0) < R).nonzero().squeeze(1)
-            if not len(hit):
-                continue
-            points = hit + b.start if dense else idx.index_select(0, hit)
-            S = fine.index_select(0, points).float()
-            G = torch.addmm(C_fine_sq[:, None], C_fine, S.T, alpha=-2)
-            R = min_sq.index_select(0, points).sub_(fine_sq.index_select(0, points)).add_(tol)
-            owner, which = (G < R).nonzero().unbind(1)
-            if dense and i == 0 and 4 * len(owner) > size * b.stop:
-                # The bounds keep most pairs (early on, or data without low-dimensional
-                # structure): plain passes over Z cost less than gathering them.
-                _full_passes(Z, min_sq, nearest, C, t, dist, scratch)
-                break
-            points = points.index_select(0, which)
-            _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch)
+                far, C, C_sq, size = _next_picks(Z, sq_norms, min_sq, min(block, n_centers - t), tol)
 
-        min_sq.index_fill_(0, far, _SELECTED)
-        nearest.index_copy_(0, far, positions[:size] + t)
-        selected[t : t + size], centers_fine[t : t + size] = far, C_fine
-        t += size
-        block = min(_MAX_BLOCK, max(_MIN_BLOCK, 2 * size))
-        report(t, min_sq)
+            # Triangle inequality through each point's nearest centre p, for the closest new
+            # centre; d(p, c) is itself bounded below on the fine coordinates, 4x cheaper.
+            C_fine, C_fine_sq = C[:, :q2], fine_sq.index_select(0, far)
+            via = _min_pairwise_sq(
+                centers_fine[:t], fine_sq.index_select(0, selected[:t]), C_fine, C_fine_sq
+            )
+            via.sub_(tol).mul_(0.25)  # d(p, c)^2 < 4 r^2 + tol, with one comparison per point
+            new = (C, C[:, :q1], coarse_sq.index_select(0, far), C_fine, C_fine_sq, via, t, tol)
+            if len(shares) == 1:
+                _update_share(shares[0], *new)
+            else:
+                list(pool.map(lambda share: _update_share(share, *new), shares))
+
+            min_sq.index_fill_(0, far, _SELECTED)
+            nearest.index_copy_(0, far, positions[:size] + t)
+            selected[t : t + size], centers_fine[t : t + size] = far, C_fine
+            t += size
+            block = min(_MAX_BLOCK, max(_MIN_BLOCK, 2 * size))
+            report(t, min_sq)
     return selected, min_sq
+
+
+def _update_share(share, C, C_coarse, C_coarse_sq, C_fine, C_fine_sq, via, t, tol):
+    """Lower ``min_sq`` and ``nearest`` of one share's points for the new centres ``C``
+    (selection positions ``t``, ``t + 1``, ...), where the bounds cannot rule them out."""
+    n, size = len(share.Z), len(C)
+    min_sq, coarse, fine = share.min_sq, share.coarse, share.fine
+    near = (via.index_select(0, share.nearest) < min_sq).nonzero().squeeze(1)
+
+    # Leading-coordinate bounds |s_x - s_c|^2 < r^2, written for a matrix product as
+    # |s_c|^2 - 2 s_x.s_c < r^2 - |s_x|^2 + tol: coarse for all, fine for the points left.
+    rhs = min_sq.sub(share.coarse_sq).add_(tol)
+    dense = len(near) > n // 2  # then read the coordinates in place rather than gather
+    step = max(1, min(_BOUND_ELEMENTS // size, _SCREEN_ROWS))
+    for i, b in enumerate(_batches(n if dense else len(near), step)):
+        if dense:
+            S, R = coarse[b], rhs[b]
+        else:
+            idx = near[b]
+            S, R = coarse.index_select(0, idx), rhs.index_select(0, idx)
+        G = torch.addmm(C_coarse_sq[:, None], C_coarse, S.float().T, alpha=-2)
+        hit = (G.amin(0) < R).nonzero().squeeze(1)
+        if not len(hit):
+            continue
+        points = hit + b.start if dense else idx.index_select(0, hit)
+        S = fine.index_select(0, points).float()
+        G = torch.addmm(C_fine_sq[:, None], C_fine, S.T, alpha=-2)
+        R = min_sq.index_select(0, points).sub_(share.fine_sq.index_select(0, points)).add_(tol)
+        owner, which = (G < R).nonzero().unbind(1)
+        if dense and i == 0 and 4 * len(owner) > size * b.stop:
+            # The bounds keep most pairs (early on, or data without low-dimensional
+            # structure): plain passes over Z cost less than gathering them.
+            _full_passes(share.Z, min_sq, share.nearest, C, t, share.dist, share.scratch)
+            break
+        points = points.index_select(0, which)
+        _update_exact(share.Z, min_sq, share.nearest, points, owner, C, t, share.rows, share.scratch)
 
 
 def _next_picks(Z, sq_norms, min_sq, block, tol):
@@ -255,21 +293,35 @@ def _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch):
         nearest.index_copy_(0, idx.index_select(0, closer), centre.index_select(0, closer) + t)
 
 
+# The torch thread setting of the code that entered the outermost _one_cpu_thread.
+_CALLER = threading.local()
+
+
 @contextmanager
 def _one_cpu_thread(device):
     """Run torch CPU ops on one thread, then restore the caller's setting.
 
     The selection is a long chain of small dependent ops: a second OpenMP
     thread gains little on them, and on a busy machine its synchronisation
-    made the selection up to 17 times slower (measured on 2 cores).
+    made the selection up to 17 times slower (measured on 2 cores). The
+    caller's setting stays readable by :func:`_caller_threads`: the
+    accelerated method spreads its points over that many Python threads
+    instead, which wait for each other without spinning.
     """
-    previous = torch.get_num_threads()
+    previous, outer = torch.get_num_threads(), getattr(_CALLER, "threads", None)
+    _CALLER.threads = outer or previous
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        _CALLER.threads = outer
+
+
+def _caller_threads() -> int:
+    """torch's thread setting outside any :func:`_one_cpu_thread`."""
+    return getattr(_CALLER, "threads", None) or torch.get_num_threads()
 
 
 class _Progress:
@@ -358,7 +410,12 @@ def k_center_greedy(
             f"n_centers={n_centers}, start={start if initial.size <= 8 else initial.shape}."
         )
     initial = torch.as_tensor(initial, dtype=torch.long, device=Z.device)
-    run = _accelerated_greedy if method == "accelerated" else _plain_greedy
+    if method == "accelerated":
+        # Threads of torch's setting, each with a share of at least _MIN_SHARE_ROWS points.
+        n_threads = 1 if Z.device.type != "cpu" else max(1, min(_caller_threads(), len(Z) // _MIN_SHARE_ROWS))
+        run = partial(_accelerated_greedy, n_threads=n_threads)
+    else:
+        run = _plain_greedy
     with _one_cpu_thread(Z.device):
         indices, min_sq = run(Z, n_centers, initial, verbose)
     return indices, math.sqrt(max(float(min_sq.max()), 0.0))

@@ -101,11 +101,25 @@ def test_duplicate_rows_are_never_selected_twice():
     assert len(np.unique(X[indices[:10]], axis=0)) == 10  # every distinct row first
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("data", ["gaussian", "clusters"])
-def test_accelerated_selects_the_same_indices_as_greedy(data, request):
+def test_accelerated_selects_the_same_indices_as_greedy(data, threads, request, monkeypatch):
+    from skpatchcore import coreset
+
     X = request.getfixturevalue(data)
     plain = GreedyCoresetSampler(coreset_ratio=0.1, method="greedy", random_state=3).fit(X)
-    fast = GreedyCoresetSampler(coreset_ratio=0.1, method="accelerated", random_state=3).fit(X)
+    # Shares of 200 points, each screened by its own thread (a few per round).
+    monkeypatch.setattr(coreset, "_MIN_SHARE_ROWS", 200)
+    shares = []
+    update = coreset._update_share
+    monkeypatch.setattr(coreset, "_update_share", lambda share, *a: shares.append(id(share)) or update(share, *a))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast = GreedyCoresetSampler(coreset_ratio=0.1, method="accelerated", random_state=3).fit(X)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(set(shares)) == min(threads, len(X) // 200)
     np.testing.assert_array_equal(fast.indices_, plain.indices_)
 
 
