@@ -9,6 +9,7 @@ batch of RGB images in ``[0, 1]`` to the feature maps of the requested layers.
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import importlib
@@ -142,6 +143,56 @@ def _feature_body(module: nn.Module, layers: list[str]) -> nn.Module:
     return torch.fx.GraphModule(body, body.eval_graph)
 
 
+def _fold_batchnorm(body: nn.Module) -> None:
+    """Fold each batch norm that follows a convolution into it, in place.
+
+    In evaluation mode a batch norm is a per-channel affine map, which the
+    convolution before it can apply instead: ``w * s`` and ``(b - mean) * s +
+    beta``, with ``s = gamma / sqrt(var + eps)``. The feature maps change by
+    float32 rounding only (3e-6 of their scale on Lite0), and the forward pass
+    took half the time: Lite0 at 256 px in batches of 4, 16 -> 8 ms per image;
+    to ``blocks.5`` at 512 px one at a time, 85 -> 50 ms (2 cores). Only
+    traced graphs are folded (not :class:`_HookedBody`), and only plain
+    ``BatchNorm2d`` and timm's ``BatchNormAct2d``, whose activation stays.
+    """
+    if not isinstance(body, torch.fx.GraphModule):
+        return
+    modules = dict(body.named_modules())
+    # Modules called once only: a shared one cannot be folded for one call.
+    calls = collections.Counter(node.target for node in body.graph.nodes if node.op == "call_module")
+    for node in list(body.graph.nodes):
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        conv = node.args[0] if node.args else None
+        if not (
+            (type(norm) is nn.BatchNorm2d or type(norm).__name__ == "BatchNormAct2d")
+            and norm.running_mean is not None
+            and isinstance(conv, torch.fx.Node)
+            and conv.op == "call_module"
+            and isinstance(modules[conv.target], nn.Conv2d)
+            and len(conv.users) == 1
+            and calls[node.target] == calls[conv.target] == 1
+        ):
+            continue
+        conv_module = modules[conv.target]
+        weight = conv_module.weight.double()
+        scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+        shift = -norm.running_mean.double() * scale
+        if norm.weight is not None:
+            scale, shift = scale * norm.weight.double(), shift * norm.weight.double() + norm.bias.double()
+        bias = shift if conv_module.bias is None else conv_module.bias.double() * scale + shift
+        dtype = conv_module.weight.dtype
+        conv_module.weight = nn.Parameter((weight * scale.view(-1, 1, 1, 1)).to(dtype), requires_grad=False)
+        conv_module.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        parent, _, name = node.target.rpartition(".")
+        if type(norm) is nn.BatchNorm2d:
+            node.replace_all_uses_with(conv)
+            body.graph.erase_node(node)
+            delattr(body.get_submodule(parent), name)
+        else:  # the activation (and dropout, a no-op in evaluation) stay
+            setattr(body.get_submodule(parent), name, nn.Sequential(norm.drop, norm.act))
+    body.recompile()
+
+
 class FeatureExtractor(BaseEstimator):
     """Base class of the backbone configurations accepted by the detector.
 
@@ -151,9 +202,10 @@ class FeatureExtractor(BaseEstimator):
     the list of feature maps ``(n, C_l, H_l, W_l)``, one per layer, in order.
     """
 
-    # Networks we build run channels-last; a user's module keeps its own layout
-    # (its code may view feature maps as NCHW-contiguous).
-    _channels_last = True
+    # Networks we build run channels-last with their batch norms folded into the
+    # convolutions; a user's module keeps its own layout (its code may view
+    # feature maps as NCHW-contiguous) and its modules.
+    _optimized = True
 
     def _build(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -167,12 +219,16 @@ class FeatureExtractor(BaseEstimator):
             Maps ``(n, 3, H, W)`` float images in ``[0, 1]`` to a list of
             feature maps, one per layer.
         """
+        return self._load(fold_batchnorm=self._optimized)
+
+    def _load(self, *, fold_batchnorm: bool) -> nn.Module:
         module, layers, mean, std = self._build()
         module = module.eval()
         layers = _check_layers(module, layers)
-        extractor = _LayerFeatures(
-            _feature_body(module, layers), layers, mean, std, channels_last=self._channels_last
-        ).eval()
+        body = _feature_body(module, layers)
+        if fold_batchnorm:
+            _fold_batchnorm(body)
+        extractor = _LayerFeatures(body, layers, mean, std, channels_last=self._optimized).eval()
         for param in extractor.parameters():
             param.requires_grad_(False)
         return extractor
@@ -345,7 +401,7 @@ class ModuleExtractor(FeatureExtractor):
     >>> extractor = ModuleExtractor(torchvision.models.resnet18(), ["layer2", "layer3"])
     """
 
-    _channels_last = False
+    _optimized = False
 
     def __init__(
         self,

@@ -35,7 +35,13 @@ from safetensors.numpy import save as _save_tensors
 from sklearn.base import clone
 
 from .detector import PatchCoreDetector
-from .features import EfficientNetLite0Extractor, FeatureExtractor, ModuleExtractor, TorchvisionExtractor
+from .features import (
+    EfficientNetLite0Extractor,
+    FeatureExtractor,
+    ModuleExtractor,
+    TorchvisionExtractor,
+    _fold_batchnorm,
+)
 from .neighbors import NearestNeighborIndex
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -435,12 +441,20 @@ class _Decoder:
             for key, value in self.tensors.items()
             if key.startswith(prefix + "/")
         }
+        # Files saved before built networks had their batch norms folded hold
+        # the unfolded weights: load those, then fold.
+        unfolded = architecture._optimized and set(state) != set(net.state_dict())
+        if unfolded:
+            net = architecture._load(fold_batchnorm=False)
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ValueError(
                 f"The stored network weights do not fit the recorded architecture ({exc})."
             ) from None
+        if unfolded:
+            _fold_batchnorm(net.body)
+            net.body.to(memory_format=torch.channels_last)
         for param in net.parameters():
             param.requires_grad_(False)
         return net

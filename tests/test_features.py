@@ -15,6 +15,8 @@ from skpatchcore import (
     TorchvisionExtractor,
 )
 from skpatchcore.features import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     extract_patch_features,
     lite0_state_dict,
     lite_state_dict,
@@ -108,13 +110,22 @@ def test_unknown_layer_names_are_reported():
         ModuleExtractor(tiny_cnn(), ["layer9"]).load()
 
 
+def _assert_features_of(net, reference: nn.Module) -> None:
+    """``net`` gives the feature maps of ``reference`` (unfolded, as a user's module)."""
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        for got, want in zip(net(images), ModuleExtractor(reference, net.layers).load()(images)):
+            # float32 rounding, of the folded weights and of another convolution order
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
+
+
 def test_torchvision_extractor_loads_a_local_state_dict(tmp_path):
     torch.manual_seed(1)
     reference = torchvision.models.resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     net = TorchvisionExtractor("resnet18", weights=str(path)).load()
-    assert torch.equal(net.body.conv1.weight, reference.conv1.weight)
+    _assert_features_of(net, reference)
 
 
 def test_missing_weights_file_is_named(tmp_path):
@@ -163,7 +174,7 @@ def test_downloaded_weights_are_read_without_unpickling_code(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fetch)
     net = TorchvisionExtractor("resnet18", weights="IMAGENET1K_V1").load()
     assert calls and all(call["weights_only"] is True for call in calls)
-    assert torch.equal(net.body.conv1.weight, reference.conv1.weight)
+    _assert_features_of(net, reference)
 
 
 def test_safetensors_weights_file(tmp_path):
@@ -173,7 +184,7 @@ def test_safetensors_weights_file(tmp_path):
     path = tmp_path / "resnet18.safetensors"
     save_file(reference.state_dict(), path)
     net = TorchvisionExtractor("resnet18", weights=str(path)).load()
-    assert torch.equal(net.body.conv1.weight, reference.conv1.weight)
+    _assert_features_of(net, reference)
 LITE_VARIANTS = ["lite0", "lite1", "lite2"]
 
 
@@ -259,6 +270,37 @@ def test_built_networks_run_channels_last_with_unchanged_features():
     with torch.inference_mode():
         for got, want in zip(net(images), plain(images)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _randomise_batch_norms(module: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters far from the identity."""
+    generator = torch.Generator().manual_seed(0)
+    for norm in module.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            for tensor, low, high in ((norm.running_mean, -1, 1), (norm.running_var, 0.2, 3),
+                                      (norm.weight, 0.5, 2), (norm.bias, -1, 1)):
+                tensor.data = torch.rand(tensor.shape, generator=generator) * (high - low) + low
+    return module.eval()
+
+
+def test_built_networks_fold_their_batch_norms_into_the_convolutions(monkeypatch):
+    reference = _randomise_batch_norms(torchvision.models.resnet18())
+    built = (reference, ["layer2", "layer3"], IMAGENET_MEAN, IMAGENET_STD)
+    monkeypatch.setattr(TorchvisionExtractor, "_build", lambda self: (copy.deepcopy(built[0]), *built[1:]))
+    net = TorchvisionExtractor("resnet18", weights=None).load()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    _assert_features_of(net, reference)
+
+
+def test_lite_batch_norms_fold_with_their_activation():
+    _require_lite("lite0")
+    folded, unfolded = (EfficientNetLite0Extractor()._load(fold_batchnorm=fold) for fold in (True, False))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    images = torch.rand(2, 3, 96, 96)
+    with torch.inference_mode():
+        for got, want in zip(folded(images), unfolded(images)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+            assert float(want.abs().max()) > 1  # not trivially small maps
 
 
 class _FlattensNCHW(nn.Module):

@@ -248,3 +248,26 @@ def test_unknown_node_is_refused(saved):
     rewrite_document(saved, lambda doc: doc["detector"]["attributes"].update(offset_={"code": "x"}))
     with pytest.raises(ValueError, match="unknown kind"):
         skpatchcore.load(saved)
+
+
+def test_a_file_with_unfolded_batch_norms_loads_folded(resnet_fitted, tmp_path, textures):
+    # Files saved before built networks had their batch norms folded hold them.
+    import copy
+
+    import torch
+    from torch import nn
+
+    from .test_features import _assert_features_of, _randomise_batch_norms
+
+    old = copy.deepcopy(resnet_fitted)
+    old.feature_extractor_ = old.feature_extractor._load(fold_batchnorm=False)
+    _randomise_batch_norms(old.feature_extractor_)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in old.feature_extractor_.modules())
+    path = tmp_path / "old.safetensors"
+    skpatchcore.save(old, path)
+    loaded = skpatchcore.load(path)
+    net = loaded.feature_extractor_
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert net.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    _assert_features_of(net, old.feature_extractor_.body)
+    np.testing.assert_allclose(loaded.score_samples(textures[1]), old.score_samples(textures[1]), rtol=1e-4)
