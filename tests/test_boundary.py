@@ -176,11 +176,6 @@ def test_interrupted_fit_leaves_a_fitted_detector_as_it_was(monkeypatch, fitted,
     np.testing.assert_array_equal(fitted.score_samples(textures[1]), scores)
 
 
-# Extraction, coreset selection, index build: the name in skpatchcore.detector and
-# the method interrupted (None: the function itself).
-STAGES = {"cached_patch_embeddings": None, "ProjectedRows": "select", "NearestNeighborIndex": "fit"}
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_interrupted_fit_leaves_an_unfitted_detector_unfitted(monkeypatch, tiny_params, stage, textures):
     detector = PatchCoreDetector(**tiny_params)
