@@ -7,13 +7,21 @@ import pytest
 import torch
 from sklearn.utils._param_validation import InvalidParameterError
 
+from skpatchcore import coreset
 from skpatchcore.coreset import (
     GreedyCoresetSampler,
     ProjectedRows,
+    _plain_greedy,
     covering_radius,
     k_center_greedy,
     merge_coresets,
 )
+
+
+@pytest.fixture(autouse=True)
+def accelerated_even_when_small(monkeypatch):
+    """Exercise the accelerated method on these small sets, which it would run plainly."""
+    monkeypatch.setattr(coreset, "_PLAIN_MAX_WORK", 0)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +112,6 @@ def test_duplicate_rows_are_never_selected_twice():
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("data", ["gaussian", "clusters"])
 def test_accelerated_selects_the_same_indices_as_greedy(data, threads, request, monkeypatch):
-    from skpatchcore import coreset
-
     X = request.getfixturevalue(data)
     plain = GreedyCoresetSampler(coreset_ratio=0.1, method="greedy", random_state=3).fit(X)
     # Shares of 200 points, each screened by its own thread (a few per round).
@@ -121,6 +127,18 @@ def test_accelerated_selects_the_same_indices_as_greedy(data, threads, request, 
         torch.set_num_threads(previous)
     assert len(set(shares)) == min(threads, len(X) // 200)
     np.testing.assert_array_equal(fast.indices_, plain.indices_)
+
+
+def test_small_accelerated_selections_make_the_plain_passes(gaussian, monkeypatch):
+    monkeypatch.setattr(coreset, "_PLAIN_MAX_WORK", 50 * len(gaussian))
+    plain = []
+    monkeypatch.setattr(coreset, "_plain_greedy", lambda *a: plain.append(1) or _plain_greedy(*a))
+    Z = torch.from_numpy(gaussian)
+    for n_centers in (50, 51):
+        indices, _ = k_center_greedy(Z, n_centers, 0, method="accelerated")
+        want, _ = _plain_greedy(Z, n_centers, torch.tensor([0]), 0)
+        torch.testing.assert_close(indices, want, rtol=0, atol=0)
+    assert plain == [1]  # 50 centres plainly, 51 accelerated
 
 
 def test_accelerated_radius_within_5_percent_of_greedy_in_feature_space(gaussian):
