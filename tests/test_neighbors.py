@@ -233,11 +233,11 @@ def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, cell_
     if more_cells:  # the second round (more cells, raised floors) even for a few queries
         monkeypatch.setattr(neighbors, "_MORE_CELLS_MIN_WORK", 0)
     if not cell_copy:  # a bank too large to copy in cell order: cells gathered per search
-        monkeypatch.setattr(neighbors, "_CELL_ROWS_MAX_BYTES", 0)
+        monkeypatch.setattr(neighbors, "_CELL_BLOCKS_MAX_BYTES", 0)
     if order == "greedy":  # the order of a coreset bank, whose first rows are spread
         bank = bank[k_center_greedy(torch.from_numpy(bank), len(bank), 0)[0].numpy()]
     index = NearestNeighborIndex("exact").fit(bank)
-    assert (index.cell_rows_ is not None) == cell_copy
+    assert (index.cell_blocks_ is not None) == cell_copy
     images = np.concatenate([queries, bank[:20] + 0.01]).reshape(4, 130, -1)
     dist, idx = index.kneighbors(images.reshape(-1, images.shape[-1]), 1)
     want = max_patches(dist[:, 0].reshape(4, 130), idx[:, 0].reshape(4, 130))
@@ -281,7 +281,7 @@ def test_largest_nearest_skips_rows_of_the_same_group(clusters, more_cells, cell
 
     bank, queries = clusters
     if not cell_copy:
-        monkeypatch.setattr(neighbors, "_CELL_ROWS_MAX_BYTES", 0)
+        monkeypatch.setattr(neighbors, "_CELL_BLOCKS_MAX_BYTES", 0)
     index = NearestNeighborIndex("exact").fit(bank)
     if more_cells:
         monkeypatch.setattr(neighbors, "_MORE_CELLS_MIN_WORK", 0)
