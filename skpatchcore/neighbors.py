@@ -438,8 +438,9 @@ class NearestNeighborIndex(BaseEstimator):
         ``sqrt(2 * n_samples_fit_)``, the cell centres).
     cell_bounds_ : ndarray of shape (n_cells + 1,), int64
         Cell ``c`` holds ``cell_order_[cell_bounds_[c]:cell_bounds_[c + 1]]``.
-    cell_blocks_ : ndarray of shape (n_samples_fit_ * (n_features_in_ + 1),), float32, or None
-        Each cell's rows as ``[-2 b, ||b||²]`` (one column more than
+    cell_blocks_ : ndarray, float32, or None
+        One-dimensional, ``n_samples_fit_ * (n_features_in_ + 1)`` values:
+        each cell's rows as ``[-2 b, ||b||²]`` (one column more than
         ``bank_``), transposed, the cells' blocks back to back: cell ``c`` is
         a contiguous ``(n_features_in_ + 1, size)`` block, so that one matrix
         product with ``[x, 1]`` rows gives its ``||b||² - 2 x·b``, on the
