@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -390,7 +391,8 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             coreset = cached_coreset(
                 self.memory, projected, images, coreset_ratio=self.coreset_ratio,
                 method=self.coreset_method, seed=coreset_seed, projection_dim=self.projection_dim,
-                batch_size=self.batch_size, features=self._feature_key(size, box, device),
+                batch_size=self.batch_size,
+                features=functools.partial(self._feature_key, size, box, device),
             )
             del projected
             bank = features.reshape(-1, dim)[coreset].astype(np.float32, copy=False)

@@ -33,7 +33,9 @@ from .coreset import ProjectedRows
 from .features import FeatureExtractor, ModuleExtractor, TorchvisionExtractor, iter_patch_embeddings
 from .progress import log, progress_bar
 
-__all__ = ["cached_coreset", "cached_patch_embeddings", "extractor_token", "load_network"]
+__all__ = [
+    "cached_coreset", "cached_patch_embeddings", "extractor_token", "feature_key", "load_network",
+]
 
 
 def _module_token(module: nn.Module) -> tuple[str, str]:
@@ -232,7 +234,7 @@ def cached_coreset(
     seed: int,
     projection_dim: int | None,
     batch_size: int,
-    features: dict,
+    features,
 ) -> np.ndarray:
     """``projected.select(coreset_ratio, method=method)`` indices, cached in ``memory``.
 
@@ -259,8 +261,9 @@ def cached_coreset(
     seed, projection_dim, batch_size
         The ``random_state``, ``projection_dim`` and images per batch
         ``projected`` was made with.
-    features : dict
-        The :func:`feature_key` of the features.
+    features : callable
+        Returns the :func:`feature_key` of the features; called only when
+        caching (an extractor's token hashes a module's weights).
 
     Returns
     -------
@@ -268,12 +271,11 @@ def cached_coreset(
         Selected rows, in selection order.
     """
     memory = check_memory(memory)
-    select = _coreset_selection if memory.location is None else memory.cache(
-        _coreset_selection, ignore=["projected"]
-    )
-    return select(
+    if memory.location is None:
+        return projected.select(coreset_ratio, method=method)[0]
+    return memory.cache(_coreset_selection, ignore=["projected"])(
         projected, images, coreset_ratio=coreset_ratio, method=method, seed=seed,
-        projection_dim=projection_dim, batch_size=batch_size, features=features,
+        projection_dim=projection_dim, batch_size=batch_size, features=features(),
     )
 
 
