@@ -602,11 +602,11 @@ class NearestNeighborIndex(BaseEstimator):
         self.cell_order_, self.cell_bounds_ = _bank_cells(self.bank_, self.bank_sq_norms_, self.working_memory)
         self.cell_blocks_ = None
         if 4 * self.n_samples_fit_ * (self.n_features_in_ + 1) <= _CELL_BLOCKS_MAX_BYTES:
-            bounds = self.cell_bounds_.tolist()
-            self.cell_blocks_ = np.concatenate([
-                self._cell_block(self.cell_order_[start:stop]).ravel()
-                for start, stop in zip(bounds[:-1], bounds[1:])
-            ])
+            width, bounds = self.n_features_in_ + 1, self.cell_bounds_.tolist()
+            self.cell_blocks_ = np.empty(width * self.n_samples_fit_, dtype=np.float32)
+            for start, stop in zip(bounds[:-1], bounds[1:]):  # each block written in place
+                out = self.cell_blocks_[width * start : width * stop].reshape(width, -1)
+                self._cell_block(self.cell_order_[start:stop], out=out)
         return self
 
     def _build_pynndescent(self):
@@ -958,12 +958,13 @@ class NearestNeighborIndex(BaseEstimator):
         best = np.minimum(best, unsorted.reshape(near.shape[1], len(X)).min(axis=0))
         return best
 
-    def _cell_block(self, rows: np.ndarray) -> np.ndarray:
+    def _cell_block(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``[-2 b, ||b||²]`` of bank ``rows``, transposed: ``(n_features_in_ + 1, len(rows))``.
 
         One product of ``[x, 1]`` rows with it gives ``||b||² - 2 x·b``.
+        Written into ``out`` when given.
         """
-        block = np.empty((self.n_features_in_ + 1, len(rows)), dtype=np.float32)
+        block = np.empty((self.n_features_in_ + 1, len(rows)), dtype=np.float32) if out is None else out
         np.multiply(self.bank_[rows].T, -2.0, out=block[:-1])
         block[-1] = self.bank_sq_norms_[rows]
         return block

@@ -453,8 +453,7 @@ class _Decoder:
                 f"The stored network weights do not fit the recorded architecture ({exc})."
             ) from None
         if unfolded:
-            _fold_batchnorm(net.body)
-            net.body.to(memory_format=torch.channels_last)
+            _fold_batchnorm(net.body)  # the folded weights keep their channels-last layout
         for param in net.parameters():
             param.requires_grad_(False)
         return net
