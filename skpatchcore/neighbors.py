@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -10,6 +11,8 @@ import torch
 from joblib import effective_n_jobs
 from sklearn import get_config
 from sklearn.base import BaseEstimator, _fit_context
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_array, check_random_state, gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions, validate_params
@@ -105,6 +108,10 @@ _MORE_CELLS = (2, 8)
 # per-cell overhead of a few queries costs more than searching them in full).
 _MORE_CELLS_MIN_WORK = 1 << 21
 _ONE_BLAS_THREAD = ThreadpoolController()
+# Cell centres: Lloyd iterations from random rows, on at most this many rows per
+# cell (more iterations hardly changed the cells of Lite0 banks).
+_CELL_KMEANS_ITER = 5
+_CELL_KMEANS_ROWS = 64
 # Banks of at most this many rows are searched in full by ``largest_nearest``: the
 # cells' per-cell products cost more than one product with the whole bank. With
 # 4 images of 1024 Lite0 patches: 54 rows 9.8 ms by cells vs 1.4 ms in full,
@@ -308,19 +315,38 @@ def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, work
     return distances.cpu().numpy(), indices.cpu().numpy()
 
 
-def _bank_cells(bank: np.ndarray, sq_norms: np.ndarray, working_memory) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``bank`` grouped by their nearest among its first rows (the centres).
+def _bank_cells(bank: np.ndarray, sq_norms: np.ndarray, working_memory, random_state) -> tuple:
+    """Rows of ``bank`` grouped into cells around k-means centres: ``(centres, order, bounds)``.
 
     About ``sqrt(2 * n)`` centres balance a query's two costs: its distances to
     every centre, and to every row of its nearest cells (``n / n_cells`` each).
-    A coreset bank's first rows are its first greedy picks, spread over it.
+    K-means centres sit where the rows are dense, so the cells hold similar
+    numbers of rows, and a query's nearest cells usually hold its nearest row.
+    (A coreset bank's first greedy picks, the centres before, are its
+    outliers: on MVTec screw at 512 px most queries fell into a few large
+    cells, 754 rows per query against 214.) The centres are fitted on at most
+    ``_CELL_KMEANS_ROWS`` rows per cell, then every row joins its nearest.
     """
     n_cells = max(1, min(len(bank), round(np.sqrt(2 * len(bank)))))
-    bank_t, sq_t = torch.from_numpy(bank), torch.from_numpy(sq_norms)
-    cell = _search(bank_t, bank_t[:n_cells], sq_t[:n_cells], 1, None, None, working_memory)[1][:, 0]
-    bounds = np.zeros(n_cells + 1, dtype=np.int64)
-    np.cumsum(np.bincount(cell, minlength=n_cells), out=bounds[1:])
-    return np.argsort(cell, kind="stable"), bounds
+    rng = check_random_state(random_state)
+    sample = bank
+    if len(bank) > _CELL_KMEANS_ROWS * n_cells:
+        sample = bank[np.sort(rng.choice(len(bank), _CELL_KMEANS_ROWS * n_cells, replace=False))]
+    with warnings.catch_warnings():
+        # Duplicate rows can leave fewer distinct centres; empty cells are dropped below.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        kmeans = KMeans(
+            n_cells, init="random", n_init=1, max_iter=_CELL_KMEANS_ITER, random_state=rng
+        ).fit(sample)
+    centres = torch.from_numpy(kmeans.cluster_centers_.astype(np.float32))
+    cell = _search(
+        torch.from_numpy(bank), centres, _squared_norms(centres), 1, None, None, working_memory
+    )[1][:, 0]
+    used = np.flatnonzero(np.bincount(cell, minlength=n_cells))
+    cell = np.searchsorted(used, cell)
+    bounds = np.zeros(len(used) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(cell, minlength=len(used)), out=bounds[1:])
+    return centres.numpy()[used], np.argsort(cell, kind="stable"), bounds
 
 
 def _group_maxima(group, query, dist, idx, n_queries):
@@ -432,10 +458,12 @@ class NearestNeighborIndex(BaseEstimator):
         of :meth:`nearest_within`; None for the exact backend.
     bank_projected_ : ndarray of shape (n_samples_fit_, n_axes) or None
         The bank on those axes.
+    cell_centres_ : ndarray of shape (n_cells, n_features_in_), float32
+        Centres of the cells of :meth:`largest_nearest`: about
+        ``sqrt(2 * n_samples_fit_)`` k-means centres of the bank (a few Lloyd
+        iterations from rows drawn with ``random_state``).
     cell_order_ : ndarray of shape (n_samples_fit_,), int64
-        Rows of the bank grouped by cell, for :meth:`largest_nearest`: a row's
-        cell is its nearest among the first ``n_cells`` rows (about
-        ``sqrt(2 * n_samples_fit_)``, the cell centres).
+        Rows of the bank grouped by cell: a row's cell is its nearest centre.
     cell_bounds_ : ndarray of shape (n_cells + 1,), int64
         Cell ``c`` holds ``cell_order_[cell_bounds_[c]:cell_bounds_[c + 1]]``.
     cell_blocks_ : ndarray, float32, or None
@@ -515,8 +543,10 @@ class NearestNeighborIndex(BaseEstimator):
     array([0, 1, 2])
     """
 
-    # Indexes pickled before the blocks existed gather each cell at every search.
+    # Indexes pickled before the blocks existed gather each cell at every search;
+    # those pickled before the centres existed take the bank's first rows.
     cell_blocks_ = None
+    cell_centres_ = None
 
     _parameter_constraints: dict = {
         "algorithm": [StrOptions({"auto", "exact", "pynndescent"})],
@@ -599,7 +629,9 @@ class NearestNeighborIndex(BaseEstimator):
         if self.index_ is not None:
             self.principal_axes_, self.bank_projected_ = _principal_projection(self.bank_)
             self._bank_projected_sq_norms = _squared_norms(torch.from_numpy(self.bank_projected_))
-        self.cell_order_, self.cell_bounds_ = _bank_cells(self.bank_, self.bank_sq_norms_, self.working_memory)
+        self.cell_centres_, self.cell_order_, self.cell_bounds_ = _bank_cells(
+            self.bank_, self.bank_sq_norms_, self.working_memory, self.random_state
+        )
         self.cell_blocks_ = None
         if 4 * self.n_samples_fit_ * (self.n_features_in_ + 1) <= _CELL_BLOCKS_MAX_BYTES:
             width, bounds = self.n_features_in_ + 1, self.cell_bounds_.tolist()
@@ -782,9 +814,9 @@ class NearestNeighborIndex(BaseEstimator):
 
         PatchCore's image score needs only the largest nearest-neighbour
         distance among an image's patches (paper Eq. 6), not every patch's.
-        On the CPU, each query is first compared with the cell centres (the
-        bank's first rows, see ``cell_order_``) and with every row of its two
-        nearest cells: its distance to the nearest of those rows bounds its
+        On the CPU, each query is first compared with the cell centres
+        (``cell_centres_``) and with every row of its two nearest cells: its
+        distance to the nearest of those rows bounds its
         nearest distance from above, and is usually that distance. The
         ``4`` queries per group with the largest bounds are searched in full;
         the largest of their exact distances is a floor for the group's
@@ -796,9 +828,7 @@ class NearestNeighborIndex(BaseEstimator):
         bounds were loose, as for training patches scored without their own
         image), they search their next 6 cells first and the floors are raised
         from the tighter bounds: leave-one-out scores of 100 bottle training
-        images at 512 px took 7.5 s instead of 26 s that way. Any bank order
-        gives the same result, more slowly when the first rows are not spread
-        over the bank.
+        images at 512 px took 7.5 s instead of 26 s that way.
         On other devices, and for banks of at most 512 rows (where one
         product with the whole bank costs less than the cells' products), the
         search is plain and complete.
@@ -904,7 +934,7 @@ class NearestNeighborIndex(BaseEstimator):
         return (*found, bound.reshape(n_groups, n_queries)) if return_bounds else found
 
     def _cell_bounds_sq(self, X: np.ndarray, labels, bank_groups, ranks: tuple[int, int]) -> np.ndarray:
-        """``||b||² - 2 x·b`` for each query's nearest row among the centres and some of its nearest cells.
+        """``||b||² - 2 x·b`` for each query's nearest row in some of its nearest cells.
 
         ``ranks = (first, last)``: the cells searched are each query's
         ``first``-th to ``last``-th nearest (by centre). Rows of a query's own
@@ -913,17 +943,14 @@ class NearestNeighborIndex(BaseEstimator):
         """
         order, bounds = self.cell_order_, self.cell_bounds_
         n_cells = len(bounds) - 1
+        centres = self.bank_[:n_cells] if self.cell_centres_ is None else self.cell_centres_
         partial = torch.addmm(
-            torch.from_numpy(self.bank_sq_norms_[:n_cells]),
+            torch.from_numpy(np.einsum("ij,ij->i", centres, centres)),
             torch.from_numpy(X),
-            torch.from_numpy(self.bank_[:n_cells]).T,
+            torch.from_numpy(centres).T,
             alpha=-2.0,
         )
         near = partial.topk(min(n_cells, ranks[1]), dim=1, largest=False).indices[:, ranks[0] :].numpy()
-        partial = partial.numpy()
-        if labels is not None:
-            partial[labels[:, None] == bank_groups[None, :n_cells]] = np.inf
-        best = partial.min(axis=1)
         # Queries sorted by cell, so each cell is one matrix product: hundreds of
         # small products cost less in NumPy than as torch calls, and on one BLAS
         # thread than on idle threads that then compete with torch's.
@@ -955,8 +982,7 @@ class NearestNeighborIndex(BaseEstimator):
         # Back to query order: each query's cells, side by side.
         unsorted = np.empty_like(nearest)
         unsorted[by_cell] = nearest
-        best = np.minimum(best, unsorted.reshape(near.shape[1], len(X)).min(axis=0))
-        return best
+        return unsorted.reshape(near.shape[1], len(X)).min(axis=0)
 
     def _cell_block(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``[-2 b, ||b||²]`` of bank ``rows``, transposed: ``(n_features_in_ + 1, len(rows))``.

@@ -342,16 +342,50 @@ def test_largest_nearest_searches_a_small_bank_in_one_pass(clusters, grouped, mo
 
 def test_bank_cells_partition_the_bank_by_nearest_centre(clusters):
     bank, _ = clusters
-    index = NearestNeighborIndex("exact").fit(bank)
-    order, bounds = index.cell_order_, index.cell_bounds_
+    index = NearestNeighborIndex("exact", random_state=0).fit(bank)
+    centres, order, bounds = index.cell_centres_, index.cell_order_, index.cell_bounds_
     n_cells = len(bounds) - 1
-    assert n_cells == round(np.sqrt(2 * len(bank)))
+    assert centres.shape == (n_cells, bank.shape[1]) and centres.dtype == np.float32
+    assert 0.8 * np.sqrt(2 * len(bank)) <= n_cells <= round(np.sqrt(2 * len(bank)))
     np.testing.assert_array_equal(np.sort(order), np.arange(len(bank)))
-    assert bounds[0] == 0 and bounds[-1] == len(bank) and np.all(np.diff(bounds) >= 0)
-    centre_dist = np.linalg.norm(bank[:, None] - bank[None, :n_cells], axis=2)
+    assert bounds[0] == 0 and bounds[-1] == len(bank) and np.all(np.diff(bounds) > 0)  # none empty
+    centre_dist = np.linalg.norm(bank[:, None] - centres[None], axis=2)
     for c in range(n_cells):
         rows = order[bounds[c] : bounds[c + 1]]
         assert np.all(centre_dist[rows, c] <= centre_dist[rows].min(axis=1) + 1e-4)
+    # Seeded: the same cells again.
+    again = NearestNeighborIndex("exact", random_state=0).fit(bank)
+    np.testing.assert_array_equal(again.cell_centres_, centres)
+
+
+def test_bank_cells_of_duplicate_rows_are_not_empty():
+    bank = np.repeat(np.eye(3, 8, dtype=np.float32), 40, axis=0)  # 3 distinct rows, 120 in all
+    index = NearestNeighborIndex("exact", random_state=0).fit(bank)
+    assert len(index.cell_centres_) <= 3 and np.all(np.diff(index.cell_bounds_) > 0)
+    images = np.eye(3, 8, dtype=np.float32)[[0, 1, 2, 2]].reshape(2, 2, 8) + 0.5
+    dist, idx = index.kneighbors(images.reshape(-1, 8), 1)
+    np.testing.assert_allclose(index.largest_nearest(images)[0], dist[:, 0].reshape(2, 2).max(1), rtol=1e-5)
+
+
+def test_largest_nearest_of_an_index_pickled_before_cell_centres(clusters):
+    # Such an index has no cell_centres_: its cells are around the bank's first rows.
+    bank, queries = clusters
+    index = NearestNeighborIndex("exact").fit(bank)
+    images = queries[:480].reshape(4, 120, -1)
+    want = index.largest_nearest(images)
+    n_cells = round(np.sqrt(2 * len(bank)))
+    cell = np.linalg.norm(bank[:, None] - bank[None, :n_cells], axis=2).argmin(axis=1)
+    state = index.__getstate__()
+    del state["cell_centres_"]
+    state["cell_order_"] = np.argsort(cell, kind="stable")
+    state["cell_bounds_"] = np.r_[0, np.cumsum(np.bincount(cell, minlength=n_cells))]
+    state["cell_blocks_"] = None
+    old = NearestNeighborIndex.__new__(NearestNeighborIndex)
+    old.__setstate__(state)
+    got = old.largest_nearest(images)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
 
 
 def test_image_scores_without_patch_distances_are_the_same(approximate_index, clusters):
