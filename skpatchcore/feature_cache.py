@@ -5,8 +5,8 @@ In a ``GridSearchCV`` over parameters that do not touch the network
 ``sigma``) every candidate extracts the same features from the same folds.
 :func:`cached_patch_embeddings` stores them with ``joblib.Memory`` under a key
 made of the image bytes and of what determines the network's output: the
-extractor's parameters, the input size and crop, the embedding dimension and
-the device type. :func:`cached_coreset` stores the coreset selected from
+extractor's parameters, the input size and crop, the embedding dimension,
+the device type and the versions of skpatchcore and torch. :func:`cached_coreset` stores the coreset selected from
 those features under the same key, plus the coreset's parameters and seed,
 so candidates that differ only in how they score (``sigma``,
 ``n_neighbors``, ``contamination``, ...) share one selection.
@@ -122,11 +122,12 @@ def load_network(extractor: FeatureExtractor, memory, device="cpu") -> nn.Module
 
 def _all_patch_embeddings(
     net, images, *, size, box, embedding_dim, tile_size, tile_overlap, batch_size, device,
-    verbose, extractor, device_type,
+    verbose, extractor, device_type, versions,
 ) -> np.ndarray:
     """All patch features ``(n, h, w, D)`` in one float32 array.
 
-    ``extractor`` (a token) and ``device_type`` are only part of the cache key.
+    ``extractor`` (a token), ``device_type`` and ``versions`` are only part of
+    the cache key.
     """
     out = None
     batches = iter_patch_embeddings(
@@ -208,11 +209,19 @@ def cached_patch_embeddings(
 def feature_key(
     extractor: str | FeatureExtractor, *, size, box, embedding_dim, device, tile_size, tile_overlap
 ) -> dict:
-    """What, besides the images, determines their patch features: a cache key."""
+    """What, besides the images, determines their patch features: a cache key.
+
+    The versions of skpatchcore and torch are part of it: a new release may
+    compute features differently (e.g. batch norms folded into the
+    convolutions change them by float32 rounding).
+    """
+    from . import __version__
+
     return dict(
         size=tuple(size), box=tuple(box), embedding_dim=embedding_dim,
         tile_size=tile_size, tile_overlap=tile_overlap if tile_size is not None else None,
         extractor=extractor_token(extractor), device_type=torch.device(device).type,
+        versions=(__version__, torch.__version__),
     )
 
 

@@ -5,6 +5,7 @@ import pytest
 from joblib import Memory
 from sklearn.model_selection import GridSearchCV, KFold
 
+import skpatchcore
 from skpatchcore import ModuleExtractor, PatchCoreDetector, TorchvisionExtractor
 from skpatchcore.feature_cache import cached_patch_embeddings, extractor_token
 from skpatchcore.metrics import image_auroc_scorer
@@ -112,6 +113,10 @@ def test_fits_differing_only_in_scoring_share_one_coreset_selection(tmp_path, ti
     for change in ({"coreset_ratio": 0.2}, {"random_state": 1}, {"projection_dim": 16}, {"batch_size": 3}):
         PatchCoreDetector(**{**tiny_params, **change}, memory=str(tmp_path)).fit(normal)
     assert len(selections) == 6
+    # Nor is a selection made by another release of the library reused.
+    monkeypatch.setattr(skpatchcore, "__version__", "0.0.0")
+    PatchCoreDetector(**tiny_params, memory=str(tmp_path)).fit(normal)
+    assert len(selections) == 7
 
 
 def test_grid_search_runs_the_network_once_per_fold(tmp_path, counted, labelled):
