@@ -52,6 +52,9 @@ def main(job_path: str) -> None:
     np.savez(job["probe_out"], *[probe[name].numpy() for name in job["layers"]])
 
     batch_size = job["batch_size"]
+    # The coreset's random projection (torch and NumPy's global generators) and start.
+    torch.manual_seed(job["seed"])
+    np.random.seed(job["seed"])
     times = {}
     start = time.perf_counter()
     model.train()

@@ -8,7 +8,10 @@ cancels out. Ours runs with its default parameters. anomalib 2.7's
 ``PatchcoreModel`` runs unmodified in its own virtual environment (see
 ``benchmarks/README.md``) through ``_anomalib_worker.py``.
 
-Per category and backbone it prints, for each side (median over the repeats):
+Run ``r`` seeds both sides with ``r`` (ours: ``random_state``; anomalib:
+``torch.manual_seed``), so the coreset draws differ between runs on both
+sides alike. Per category and backbone it prints, for each side (median over
+the repeats), and the image and pixel AUROC of every run:
 fit wall time (ours split into extraction / coreset / index / thresholds),
 predict time per image at batch 1 and batched (scores only, and with maps),
 peak RSS of the process, image AUROC, pixel AUROC, image F1-max and AUPRO
@@ -100,7 +103,7 @@ def run_ours(job: dict) -> None:
     _timed(ProjectedRows, "select", times, "fit_coreset_s")
     _timed(NearestNeighborIndex, "fit", times, "fit_index_s")
     _timed(PatchCoreDetector, "_leave_one_out", times, "fit_thresholds_s")
-    detector = PatchCoreDetector(feature_extractor=extractor, random_state=0, batch_size=job["batch_size"])
+    detector = PatchCoreDetector(feature_extractor=extractor, random_state=job["seed"], batch_size=job["batch_size"])
     start = time.perf_counter()
     detector.fit(train)
     times["fit_s"] = time.perf_counter() - start
@@ -181,7 +184,9 @@ def prepare(folder: Path, root: Path, category: str, backbone: str, args) -> dic
 
 
 def run_side(side: str, job: dict, folder: Path, run: int, args) -> tuple[dict, dict]:
-    job = dict(job)
+    # Run r seeds both sides with r: the coreset's projection and start draw
+    # differently from run to run on either side, so accuracy compares over draws.
+    job = dict(job, seed=run)
     for key in ("probe_out", "scores_out", "result_out"):
         job[key] = str(folder / f"{side}-{run}-{key}.{'json' if key == 'result_out' else 'npz'}")
     path = folder / f"{side}-{run}-job.json"
@@ -268,6 +273,11 @@ def report(category: str, backbone: str, runs: dict, probe: float) -> None:
             else (lambda v: "-" if v is None else f"{v:.1f}")
         ratio = f"{a / b:.3f}" if a is not None and b else "-"
         print(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio} |")
+    for key in ("image_auroc", "pixel_auroc"):
+        if key in ours:
+            print(f"\n{key} per run (seeds 0, 1, ...): ours "
+                  + ", ".join(f"{r[key]:.3f}" for r in runs["ours"]) + "; anomalib "
+                  + ", ".join(f"{r[key]:.3f}" for r in runs["anomalib"]))
     print(f"\nOurs / our own forward pass: fit {ours['fit_s'] / ours['forward_train_s']:.2f}x "
           f"(forward over the training images {ours['forward_train_s']:.1f} s); predict batch 1 "
           f"{ours['predict_batch1_ms'] / ours['forward_batch1_ms']:.2f}x, batched "
