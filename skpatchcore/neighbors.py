@@ -315,7 +315,7 @@ def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, work
     return distances.cpu().numpy(), indices.cpu().numpy()
 
 
-def _bank_cells(bank: np.ndarray, sq_norms: np.ndarray, working_memory, random_state) -> tuple:
+def _bank_cells(bank: np.ndarray, working_memory, random_state) -> tuple:
     """Rows of ``bank`` grouped into cells around k-means centres: ``(centres, order, bounds)``.
 
     About ``sqrt(2 * n)`` centres balance a query's two costs: its distances to
@@ -472,8 +472,9 @@ class NearestNeighborIndex(BaseEstimator):
         ``bank_``), transposed, the cells' blocks back to back: cell ``c`` is
         a contiguous ``(n_features_in_ + 1, size)`` block: the product of
         queries with its leading rows, plus its last row, gives
-        ``||b||² - 2 x·b``, on the BLAS kernel that small products run fastest on (1.2 against 2.3 ms
-        per Lite0 image at 256 px when the blocks were transposed views). A
+        ``||b||² - 2 x·b``, on the BLAS kernel that small products run
+        fastest on (1.2 against 2.3 ms per Lite0 image at 256 px when the
+        blocks were transposed views). A
         second copy of the bank, kept for banks up to 256 MiB (a fast
         :meth:`largest_nearest`); None for larger ones, whose cells are
         gathered at every search.
@@ -630,7 +631,7 @@ class NearestNeighborIndex(BaseEstimator):
             self.principal_axes_, self.bank_projected_ = _principal_projection(self.bank_)
             self._bank_projected_sq_norms = _squared_norms(torch.from_numpy(self.bank_projected_))
         self.cell_centres_, self.cell_order_, self.cell_bounds_ = _bank_cells(
-            self.bank_, self.bank_sq_norms_, self.working_memory, self.random_state
+            self.bank_, self.working_memory, self.random_state
         )
         self.cell_blocks_ = None
         if 4 * self.n_samples_fit_ * (self.n_features_in_ + 1) <= _CELL_BLOCKS_MAX_BYTES:
@@ -816,8 +817,8 @@ class NearestNeighborIndex(BaseEstimator):
         distance among an image's patches (paper Eq. 6), not every patch's.
         On the CPU, each query is first compared with the cell centres
         (``cell_centres_``) and with every row of its two nearest cells: its
-        distance to the nearest of those rows bounds its
-        nearest distance from above, and is usually that distance. The
+        distance to the nearest of those rows bounds its nearest distance
+        from above, and is usually that distance. The
         ``4`` queries per group with the largest bounds are searched in full;
         the largest of their exact distances is a floor for the group's
         maximum, and only the queries whose bound reaches the floor are
