@@ -6,8 +6,9 @@ In a ``GridSearchCV`` over parameters that do not touch the network
 :func:`cached_patch_embeddings` stores them with ``joblib.Memory`` under a key
 made of the image bytes and of what determines the network's output: the
 extractor's parameters, the input size and crop, the embedding dimension,
-the device type and the versions of skpatchcore and torch. :func:`cached_coreset` stores the coreset selected from
-those features under the same key, plus the coreset's parameters and seed,
+the device type and the versions of skpatchcore and torch.
+:func:`cached_coreset` stores the coreset selected from those features under
+the same key, plus the coreset's parameters and seed,
 so candidates that differ only in how they score (``sigma``,
 ``n_neighbors``, ``contamination``, ...) share one selection.
 

@@ -474,10 +474,9 @@ class NearestNeighborIndex(BaseEstimator):
         queries with its leading rows, plus its last row, gives
         ``||b||² - 2 x·b``, on the BLAS kernel that small products run
         fastest on (1.2 against 2.3 ms per Lite0 image at 256 px when the
-        blocks were transposed views). A
-        second copy of the bank, kept for banks up to 256 MiB (a fast
-        :meth:`largest_nearest`); None for larger ones, whose cells are
-        gathered at every search.
+        blocks were transposed views). A second copy of the bank, kept for
+        banks up to 256 MiB (a fast :meth:`largest_nearest`); None for larger
+        ones, whose cells are gathered at every search.
     n_features_in_ : int
         Number of features of the bank.
     n_samples_fit_ : int
@@ -989,7 +988,8 @@ class NearestNeighborIndex(BaseEstimator):
     def _cell_block(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``[-2 b, ||b||²]`` of bank ``rows``, transposed: ``(n_features_in_ + 1, len(rows))``.
 
-        ``x @ block[:-1] + block[-1]`` gives ``||b||² - 2 x·b``. Written into ``out`` when given.
+        ``x @ block[:-1] + block[-1]`` gives ``||b||² - 2 x·b``. Written into
+        ``out`` when given.
         """
         block = np.empty((self.n_features_in_ + 1, len(rows)), dtype=np.float32) if out is None else out
         np.multiply(self.bank_[rows].T, -2.0, out=block[:-1])

@@ -234,7 +234,7 @@ def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, cell_
         monkeypatch.setattr(neighbors, "_MORE_CELLS_MIN_WORK", 0)
     if not cell_copy:  # a bank too large to copy in cell order: cells gathered per search
         monkeypatch.setattr(neighbors, "_CELL_BLOCKS_MAX_BYTES", 0)
-    if order == "greedy":  # the order of a coreset bank, whose first rows are spread
+    if order == "greedy":  # the order of a coreset bank, outliers first: no matter for the cells
         bank = bank[k_center_greedy(torch.from_numpy(bank), len(bank), 0)[0].numpy()]
     index = NearestNeighborIndex("exact").fit(bank)
     assert (index.cell_blocks_ is not None) == cell_copy
@@ -356,6 +356,21 @@ def test_bank_cells_partition_the_bank_by_nearest_centre(clusters):
     # Seeded: the same cells again.
     again = NearestNeighborIndex("exact", random_state=0).fit(bank)
     np.testing.assert_array_equal(again.cell_centres_, centres)
+
+
+def test_bank_cells_split_the_dense_rows_of_a_coreset_bank():
+    # A coreset's first picks are its outliers: cells around them left the dense
+    # bulk, where queries fall, in one or two cells (2,098 rows per query here).
+    from skpatchcore.coreset import k_center_greedy
+
+    rng = np.random.RandomState(0)
+    bank = np.concatenate([rng.normal(size=(2000, 16)), rng.normal(scale=6.0, size=(200, 16))]).astype(np.float32)
+    bank = bank[k_center_greedy(torch.from_numpy(bank), len(bank), 0)[0].numpy()]
+    index = NearestNeighborIndex("exact", random_state=0).fit(bank)
+    queries = rng.normal(size=(300, 16)).astype(np.float32)
+    sizes = np.diff(index.cell_bounds_)
+    nearest_two = np.argsort(np.linalg.norm(queries[:, None] - index.cell_centres_[None], axis=2), axis=1)[:, :2]
+    assert sizes[nearest_two].sum(axis=1).mean() <= 4 * 2 * len(bank) / len(sizes)
 
 
 def test_bank_cells_of_duplicate_rows_are_not_empty():
