@@ -14,7 +14,8 @@ sides alike. Per category and backbone it prints, for each side (median over
 the repeats), and the image and pixel AUROC of every run:
 fit wall time (ours split into extraction / coreset / index / thresholds),
 predict time per image at batch 1 and batched (scores only, and with maps),
-peak RSS of the process, image AUROC, pixel AUROC, image F1-max and AUPRO
+peak RSS of the process (and how much of it the imports alone took: both
+sides load the same torch build), image AUROC, pixel AUROC, image F1-max and AUPRO
 (computed by the same code for both), then the ratios ours / anomalib and
 ours / our own backbone's forward pass over the same images.
 
@@ -90,6 +91,7 @@ def run_ours(job: dict) -> None:
     from skpatchcore.coreset import ProjectedRows
     from skpatchcore.images import to_model_input
 
+    imports_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     data = np.load(job["data"])
     train, test = data["train"], data["test"]
     extractor = _our_extractor(job["backbone"], job["weights"])
@@ -108,6 +110,7 @@ def run_ours(job: dict) -> None:
     detector.fit(train)
     times["fit_s"] = time.perf_counter() - start
     times = {k: v for k, v in times.items() if k == "fit_s" or k.startswith("fit_")}
+    times["imports_rss_mib"] = imports_mib
 
     n_one = min(job["batch1_images"], len(test))
     detector.score_samples(test[:1])
@@ -249,7 +252,8 @@ ROWS = [
     ("predict_batch1_ms", "predict, batch 1 (ms/img)"),
     ("predict_batched_ms", "predict, batched (ms/img)"),
     ("predict_maps_batched_ms", "predict + maps, batched (ms/img)"),
-    ("peak_rss_mib", "peak RSS (MiB)"), ("process_s", "process wall time (s)"),
+    ("peak_rss_mib", "peak RSS (MiB)"), ("imports_rss_mib", "  of which after imports"),
+    ("above_imports_mib", "  above that"), ("process_s", "process wall time (s)"),
     ("image_auroc", "image AUROC"),
     ("pixel_auroc", "pixel AUROC"), ("image_f1", "image F1-max"), ("aupro", "AUPRO"),
 ]
@@ -263,6 +267,9 @@ def report(category: str, backbone: str, runs: dict, probe: float) -> None:
             if values:
                 med[side][key] = float(np.median(values))
     ours, peer = med["ours"], med["anomalib"]
+    for side in (ours, peer):
+        if "imports_rss_mib" in side:
+            side["above_imports_mib"] = side["peak_rss_mib"] - side["imports_rss_mib"]
     print(f"\n## {category}, {backbone} ({len(runs['ours'])} runs each, alternated; "
           f"feature maps differ by {probe:.1e} of their scale; ours: {runs['ours'][0]['algorithm']} "
           f"search, bank {int(ours['bank_rows'])} rows vs {int(peer['bank_rows'])})\n")
