@@ -401,9 +401,12 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             index = self._build_index(bank, n_images * h * w, index_seed, device)
             start = time.perf_counter()
             held_out = self._threshold_images(n_images, threshold_seed)
+            # Indexing with every image would copy all features.
+            patches = features if len(held_out) == n_images else features[held_out]
             loo_scores, pixel_max = self._leave_one_out(
-                index, features[held_out].astype(np.float32, copy=False), held_out, coreset // (h * w), size, box
+                index, patches.astype(np.float32, copy=False), held_out, coreset // (h * w), size, box
             )
+            del patches
             del features
             self._log(f"leave-one-image-out thresholds of {len(held_out)} images", start)
 
