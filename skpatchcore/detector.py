@@ -16,7 +16,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import check_device, module_on
-from ._memory import check_fits_in_memory
+from ._memory import FeatureFile, check_fits_in_memory, image_features, patch_rows
 from .coreset import ProjectedRows, coreset_size
 from .feature_cache import cached_coreset, cached_patch_embeddings, feature_key, load_network
 from .features import FeatureExtractor, TorchvisionExtractor
@@ -29,7 +29,7 @@ from .scoring import image_scores, reweighted_scores
 __all__ = ["PatchCoreDetector"]
 
 # Patch features up to this size (in float32) stay in memory during fit, exact;
-# larger ones are kept in float16, memory-mapped in a temporary folder (removed
+# larger ones are kept in float16, in a file in a temporary folder (removed
 # when fit ends).
 _IN_MEMORY_FEATURE_BYTES = 1 << 30
 # Bank rows projected at a time when partial_fit extends a bank.
@@ -395,18 +395,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 features=functools.partial(self._feature_key, size, box, device),
             )
             del projected
-            bank = features.reshape(-1, dim)[coreset].astype(np.float32, copy=False)
+            bank = patch_rows(features, coreset)
             self._log(f"coreset of {len(bank)} entries", start)
 
             index = self._build_index(bank, n_images * h * w, index_seed, device)
             start = time.perf_counter()
             held_out = self._threshold_images(n_images, threshold_seed)
-            # Indexing with every image would copy all features.
-            patches = features if len(held_out) == n_images else features[held_out]
             loo_scores, pixel_max = self._leave_one_out(
-                index, patches.astype(np.float32, copy=False), held_out, coreset // (h * w), size, box
+                index, image_features(features, held_out), held_out, coreset // (h * w), size, box
             )
-            del patches
             del features
             self._log(f"leave-one-image-out thresholds of {len(held_out)} images", start)
 
@@ -524,7 +521,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             )
             del projected
             added = selected[len(old_bank):] - len(old_bank)  # among the new patches
-            bank = np.concatenate([old_bank, features.reshape(-1, dim)[added].astype(np.float32, copy=False)])
+            bank = np.concatenate([old_bank, patch_rows(features, added)])
             coreset = np.concatenate([self.coreset_indices_, n_old * h * w + added])
             self._log(f"coreset grown by {len(added)} to {len(bank)} entries", start)
 
@@ -532,7 +529,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             start = time.perf_counter()
             held_out = self._threshold_images(n_images, threshold_seed)
             loo_scores, pixel_max = self._leave_one_out(
-                index, features[held_out].astype(np.float32, copy=False), n_old + held_out,
+                index, image_features(features, held_out), n_old + held_out,
                 coreset // (h * w), size, box,
             )
             del features
@@ -650,15 +647,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         """Stream the training images' patch features into a store.
 
         Each batch is kept (in float32 while that fits ``_IN_MEMORY_FEATURE_BYTES``;
-        beyond, in float16 memory-mapped in ``folder``) and projected for the
-        coreset as it comes, so that large sets never exist in float32.
+        beyond, in a float16 :class:`FeatureFile` in ``folder``) and projected
+        for the coreset as it comes, so that large sets never exist in float32.
         ``leading`` (a bank being extended) is projected first, ahead of the
         images' patches; ``n_previous_images`` counts the images it came from,
         for the size of the bank planned.
 
         Returns
         -------
-        features : ndarray of shape (n, h, w, D), float32, or memmap, float16
+        features : ndarray of shape (n, h, w, D), float32, or FeatureFile of that shape
         projected : ProjectedRows
             Filled with ``leading`` and every patch, ready to select the coreset.
         """
@@ -678,6 +675,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
                 f"Images of {box[2]}x{box[3]} pixels are too small for the backbone "
                 f"({exc}). Use a larger image_size."
             ) from exc
+        finally:
+            if isinstance(features, FeatureFile):
+                features.close()  # written; and the temporary folder can go, also on Windows
         return features, projected
 
     def _allocate_for_fit(self, n_images, first_batch, coreset_seed, folder, leading, n_previous_images):
@@ -717,8 +717,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         if in_memory:
             features = np.empty(shape, dtype=np.float32)
         else:
-            path = os.path.join(folder, "features.npy")
-            features = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+            features = FeatureFile(os.path.join(folder, "features.npy"), shape)
         projected = ProjectedRows(
             n_leading + n_patches, dim, projection_dim=self.projection_dim, dtype="float32",
             random_state=coreset_seed, device=first_batch.device,

@@ -1,5 +1,6 @@
 import copy
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -260,7 +261,7 @@ def test_pixel_threshold_is_the_largest_leave_one_out_map_value(tiny_params, tex
     assert 1 <= full_searches < n  # only images whose bound map could hold the largest value
 
 
-def test_memory_mapped_features_fit_as_in_memory_and_leave_no_file(
+def test_features_on_disk_fit_as_in_memory_and_leave_no_file(
     tiny_params, textures, monkeypatch, tmp_path
 ):
     from skpatchcore import detector as detector_module
@@ -285,6 +286,32 @@ def test_memory_mapped_features_fit_as_in_memory_and_leave_no_file(
     np.testing.assert_allclose(
         mapped.score_samples(defective), in_memory.score_samples(defective), rtol=2e-3
     )
+
+
+def _resident_file_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_feature_file_keeps_its_pages_out_of_the_resident_set(tmp_path):
+    from skpatchcore._memory import FeatureFile
+
+    values = np.random.RandomState(0).randn(8, 64, 64, 1024).astype(np.float32)  # 64 MiB in float16
+    store = FeatureFile(str(tmp_path / "features.npy"), values.shape)
+    before = _resident_file_mib()
+    for start in (4, 0):  # any order
+        store[slice(start, start + 4)] = values[start : start + 4]
+    # A writable memory map would keep the 64 MiB written resident in the process.
+    assert _resident_file_mib() - before < 16
+    store.close()
+    rows = np.random.RandomState(1).choice(8 * 64 * 64, 5000)  # unsorted, with repeats
+    flat = values.astype(np.float16).astype(np.float32).reshape(-1, 1024)
+    np.testing.assert_array_equal(store.rows(rows), flat[rows])
+    np.testing.assert_array_equal(store.images(np.array([5, 2])), flat.reshape(values.shape)[[5, 2]])
+    assert _resident_file_mib() - before < 16  # read a chunk at a time, each unmapped
 
 
 def test_streamed_coreset_selects_like_the_sampler_on_all_features(tiny_params, textures):
