@@ -87,6 +87,10 @@ class FeatureFile:
         """End the writes (before the rows are read, or the file removed)."""
         self._file.close()
 
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """All the features, read into memory (float16 unless ``dtype`` says otherwise)."""
+        return np.load(self.path).astype(dtype or np.float16, copy=False)
+
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """Float32 rows of the flattened ``(n_images * h * w, D)`` features, in the order given."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -51,6 +51,7 @@ from sklearn.utils._param_validation import Interval, StrOptions, validate_param
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import check_device
+from ._memory import image_features, patch_rows
 from .coreset import coreset_size, merge_coresets
 from .detector import PatchCoreDetector
 from .images import crop_box, resized_shape
@@ -285,8 +286,9 @@ class _FitJob:
 class _Shard:
     """A shard's patch features and coreset, kept on its worker between tasks.
 
-    A large shard's features live in a memory-mapped file of a temporary
-    folder, removed with the shard (or copied into memory if Dask moves it).
+    A large shard's features live in a file (``skpatchcore._memory.FeatureFile``) of a
+    temporary folder, removed with the shard (or read into memory if Dask
+    moves it).
     """
 
     def __init__(self, job, images, offset):
@@ -318,7 +320,7 @@ class _Shard:
     def summary(self):
         """What the client needs for the union pass: this shard's coreset rows and shapes."""
         n, h, w, dim = self.features.shape
-        rows = self.features.reshape(-1, dim)[self.indices].astype(np.float32, copy=False)
+        rows = patch_rows(self.features, self.indices)
         return {
             "rows": rows, "indices": self.offset * h * w + self.indices, "radius": self.radius,
             "n_images": n, "feature_shape": (h, w, dim), "image_shape": self.image_shape,
@@ -328,14 +330,14 @@ class _Shard:
 
     def leave_one_out(self, detector, bank, bank_groups, held_out):
         """Leave-one-image-out scores and largest map value of this shard's ``held_out`` images."""
-        patches = self.features[held_out - self.offset].astype(np.float32, copy=False)
+        patches = image_features(self.features, held_out - self.offset)
         # An exact index of the bank here (its cells cost one pass over the bank):
         # the client's may hold a pynndescent graph not worth shipping.
         index = NearestNeighborIndex("exact", device=detector.device).fit(bank)
         return detector._leave_one_out(index, patches, held_out, bank_groups, self.size, self.box)
 
     def __getstate__(self):
-        # A memory map does not travel: a shard moved (or spilled) by Dask goes in memory.
+        # A file does not travel: a shard moved (or spilled) by Dask goes in memory.
         state = {key: value for key, value in self.__dict__.items() if key not in ("_cleanup", "_folder")}
         state["features"] = np.asarray(self.features)
         return state

@@ -312,6 +312,8 @@ def test_feature_file_keeps_its_pages_out_of_the_resident_set(tmp_path):
     np.testing.assert_array_equal(store.rows(rows), flat[rows])
     np.testing.assert_array_equal(store.images(np.array([5, 2])), flat.reshape(values.shape)[[5, 2]])
     assert _resident_file_mib() - before < 16  # read a chunk at a time, each unmapped
+    # How a Dask shard holding one travels: read into memory, in float16.
+    np.testing.assert_array_equal(np.asarray(store), values.astype(np.float16))
 
 
 def test_streamed_coreset_selects_like_the_sampler_on_all_features(tiny_params, textures):
