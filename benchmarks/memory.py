@@ -5,9 +5,10 @@ and 3, ``embedding_dim=None``: 1,536-dim patch features, 28 x 28 patches per
 224 x 224 image) on generated images, for each ``--fit-images`` count, and
 prints the peak RSS of each fit next to the float32 size of all its patch
 features, and the ratio of the largest fit's peak to the smallest's. The fit
-streams the features batch by batch into a float16 store (memory-mapped in a
-temporary folder beyond 1 GiB) and projects them for the coreset as they
-come, so its peak should grow far slower than the features.
+streams the features batch by batch into a float16 store (a file in a
+temporary folder beyond 1 GiB, written and read back a chunk at a time) and
+projects them for the coreset as they come, so its peak should grow far
+slower than the features.
 
 Then it scores ``--score-images`` generated images in batches of
 ``--score-batch`` with a detector fitted on 20 of them, and prints the RSS

@@ -377,7 +377,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         net = self._load_network(device)
         size = resized_shape(images.shape[1:3], self.image_size)
         box = crop_box(size, self.crop_size)
-        # Large feature sets are memory-mapped in here; removed however fit ends.
+        # Large feature sets go to a file in here; removed however fit ends.
         with tempfile.TemporaryDirectory(prefix="skpatchcore-") as folder:
             start = time.perf_counter()
             features, projected = self._extract_for_fit(
