@@ -134,11 +134,11 @@ class _Share:
 def _accelerated_greedy(Z, n_centers, initial, verbose, n_threads=1):
     """Same sequence as :func:`_plain_greedy`, with most of its work pruned.
 
-    Each round takes the ``block`` farthest points, ordered as the plain
-    argmax breaks ties, and keeps the longest prefix in which no point may be
-    closer to an earlier one than to the centres: those are exactly the next
-    greedy picks, since a pick only lowers distances and leaves the rest of
-    that prefix untouched. A point x at distance r of its nearest centre p is
+    Each round takes the ``block`` farthest points and picks among them
+    alone, lowering the rest of the block by their exact distances to each
+    pick, for as long as one stays above the block's floor (no point outside
+    lies farther): those are exactly the next greedy picks (see
+    :func:`_next_picks`). A point x at distance r of its nearest centre p is
     then updated only where two lower bounds of d(x, c), for a new centre c,
     fall below r: the triangle inequality ``d(x, c) >= d(p, c) - r`` (so
     ``d(p, c) >= 2 r`` rules x out) and the distance on the leading 16, then
@@ -187,7 +187,7 @@ def _accelerated_greedy(Z, n_centers, initial, verbose, n_threads=1):
                 size = len(far)
                 C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
             else:
-                far, C, C_sq, size = _next_picks(Z, sq_norms, min_sq, min(block, n_centers - t), tol)
+                far, C, C_sq, size = _next_picks(Z, sq_norms, min_sq, min(block, n_centers - t))
 
             # Triangle inequality through each point's nearest centre p, for the closest new
             # centre; d(p, c) is itself bounded below on the fine coordinates, 4x cheaper.
@@ -247,23 +247,37 @@ def _update_share(share, C, C_coarse, C_coarse_sq, C_fine, C_fine_sq, via, t, to
         )
 
 
-def _next_picks(Z, sq_norms, min_sq, block, tol):
-    """The next greedy picks: the longest prefix of the ``block`` farthest points that
-    provably equals the plain method's next choices. Returns ``far, C, C_sq, size``."""
+def _next_picks(Z, sq_norms, min_sq, block):
+    """The next greedy picks, found among the ``block`` farthest points alone.
+
+    No point outside the block lies farther than the block's nearest, its
+    floor; so while some point of the block, lowered by its exact distances
+    to the picks made, still lies above the floor, the farthest such point
+    (the first on ties) is exactly the plain method's next choice. Returns
+    ``far, C, C_sq, size``.
+    """
     far_sq, far = torch.topk(min_sq, block)
+    # In index order, so that argmax takes the first of equal values, as the plain method.
     far, order = torch.sort(far)
-    far_sq, order = torch.sort(far_sq.index_select(0, order), descending=True, stable=True)
-    far = far.index_select(0, order)
-    C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
-    # Stop before a pick an earlier one may move, or whose tie group topk may have cut.
-    stop = (_pairwise_sq(C, C_sq, C, C_sq) < far_sq[:, None] + tol).tril_(-1).any(1)
-    stop |= far_sq == far_sq[-1]
-    stops = stop[1:].nonzero()
-    size = 1 + int(stops[0]) if len(stops) else len(far)
-    if size == 1:  # the plain argmax, whatever topk's ties
+    C = Z.index_select(0, far).float()
+    lowered = far_sq.index_select(0, order).cpu().numpy()
+    floor = lowered.min()
+    picks, diff, dist = [], torch.empty_like(C), torch.empty(len(C), device=C.device)
+    while len(picks) < block:
+        j = int(np.argmax(lowered))
+        if not lowered[j] > floor:
+            break
+        picks.append(j)
+        lowered[j] = -math.inf
+        # As _distances_to sums them, so the lowered values are the plain method's.
+        torch.sum(torch.sub(C, C[j], out=diff).square_(), 1, out=dist)
+        np.minimum(lowered, dist.cpu().numpy(), out=lowered)
+    if not picks:  # every point of the block ties with the floor: the plain argmax
         far = min_sq.argmax().view(1)
-        C, C_sq = Z.index_select(0, far).float(), sq_norms.index_select(0, far)
-    return far[:size], C[:size], C_sq[:size], size
+        return far, Z.index_select(0, far).float(), sq_norms.index_select(0, far), 1
+    picks = torch.tensor(picks, device=C.device)
+    far = far.index_select(0, picks)
+    return far, C.index_select(0, picks), sq_norms.index_select(0, far), len(picks)
 
 
 def _min_pairwise_sq(A, A_sq, B, B_sq):
