@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _rss import rss_mib
 
 BOTTLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec/bottle/train/good"
 RATIO, PROJECTION_DIM, SEED = 0.1, 128, 0
@@ -80,13 +81,6 @@ def reference_greedy(
     return np.array(chosen[:n_centers]), radius, passes, loop_seconds
 
 
-def _memory_kib(field: str) -> int:
-    """``VmRSS`` or ``VmHWM`` (peak) of this process. Not ``ru_maxrss``: a spawned child
-    inherits its parent's through exec, which would hide the child's own peak."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def _run(job: dict) -> dict:
     """One timed fit in this (fresh) process."""
     import torch
@@ -105,7 +99,7 @@ def _run(job: dict) -> dict:
     n_centers = max(1, math.ceil(round(RATIO * len(X), 6)))
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # restart the peak (VmHWM) from the current RSS
-    base = _memory_kib("VmRSS")
+    base = rss_mib("VmRSS")
     start = time.perf_counter()
     if job["method"] == "ours":
         sampler = GreedyCoresetSampler(
@@ -117,7 +111,7 @@ def _run(job: dict) -> dict:
         indices, radius, passes, loop = reference_greedy(X, n_centers, SEED, job.get("max_passes"))
         # Every pass costs the same: extrapolate the loop, not the projection before it.
         seconds = time.perf_counter() - start + loop * (n_centers / passes - 1)
-    extra = (_memory_kib("VmHWM") - base) * 1024
+    extra = (rss_mib("VmHWM") - base) * 2**20
     return dict(
         indices=indices, seconds=seconds, n_centers=n_centers, extra_rss=extra,
         input_bytes=X.nbytes, radius_projected=radius, shape=X.shape,

@@ -30,28 +30,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from _rss import peak_rss_mib, rss_mib
 
 PATCHES_PER_IMAGE, FEATURE_DIM = 28 * 28, 512 + 1024
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """Current resident set size in MiB: all of it (VmRSS), or only the process's
-    own allocations (RssAnon), without the pages of files it reads."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_images(path: Path, n: int, size: int) -> None:
@@ -85,7 +72,7 @@ def child_fit(args: dict) -> dict:
     det.feature_extractor.load()  # the network's own memory, before the data
     base = rss_mib()
     det.fit(images)
-    return {"base_mib": base, "peak_mib": peak_mib(), "bank_rows": len(det.memory_bank_),
+    return {"base_mib": base, "peak_mib": peak_rss_mib(), "bank_rows": len(det.memory_bank_),
             "algorithm": det.nn_index_.algorithm_}
 
 

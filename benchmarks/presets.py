@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _rss import peak_rss_mib
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -54,7 +55,7 @@ def child(args: dict) -> dict:
         "fit_s": fit,
         "score_ms": score_ms,
         "maps_ms": maps_ms,
-        "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mib": peak_rss_mib(),
         "image_auroc": image_auroc(data.test_labels, -scores),
     }
 
