@@ -53,8 +53,8 @@ def make_detector(name: str = "fast", **params):
         network at 512 px (shorter side) with its stride-32 stage added for
         context, and a 4 % coreset (1.6x the fast preset's bank rows); it
         finds defects that vanish at 256 px (mean image AUROC 0.951 against
-        0.900 on the README's four categories) at 3.6-5.8x the fit time,
-        4.3-6x the ``score_samples`` time and 9-11x the ``anomaly_maps``
+        0.900 on the README's four categories) at 3.6-5.4x the fit time,
+        4.3-6x the ``score_samples`` time and 9-12x the ``anomaly_maps``
         time (exact search, one image per forward pass).
     **params
         :class:`~skpatchcore.PatchCoreDetector` parameters set on top of the
