@@ -5,6 +5,7 @@ Peaks come from ``VmHWM``, not ``ru_maxrss``: on Linux a child started with
 worker spawned by a large harness would report the harness's peak, not its own.
 """
 
+import math
 import resource
 import sys
 
@@ -25,7 +26,7 @@ def rss_mib(field: str = "VmRSS") -> float:
 def peak_rss_mib() -> float:
     """Peak resident memory of this process (``VmHWM``; ``ru_maxrss`` where /proc is missing)."""
     peak = rss_mib("VmHWM")
-    if peak == peak:
+    if not math.isnan(peak):
         return peak
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / (1024**2 if sys.platform == "darwin" else 1024)

@@ -296,8 +296,12 @@ def _resident_file_mib() -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
-def test_feature_file_keeps_its_pages_out_of_the_resident_set(tmp_path):
-    from skpatchcore._memory import FeatureFile
+def test_feature_file_keeps_its_pages_out_of_the_resident_set(tmp_path, monkeypatch):
+    from skpatchcore import _memory
+    from skpatchcore._memory import FeatureFile, image_features
+
+    # Chunks of 1,464 rows, across image boundaries (4,096 rows each): 23 maps in all.
+    monkeypatch.setattr(_memory, "_READ_CHUNK_BYTES", 3_000_000)
 
     values = np.random.RandomState(0).randn(8, 64, 64, 1024).astype(np.float32)  # 64 MiB in float16
     store = FeatureFile(str(tmp_path / "features.npy"), values.shape)
@@ -314,6 +318,9 @@ def test_feature_file_keeps_its_pages_out_of_the_resident_set(tmp_path):
     assert _resident_file_mib() - before < 16  # read a chunk at a time, each unmapped
     # How a Dask shard holding one travels: read into memory, in float16.
     np.testing.assert_array_equal(np.asarray(store), values.astype(np.float16))
+    # Features in memory: all images, in order, are the array itself, not a copy.
+    assert image_features(values, np.arange(8)) is values
+    np.testing.assert_array_equal(image_features(values, np.array([5, 2])), values[[5, 2]])
 
 
 def test_streamed_coreset_selects_like_the_sampler_on_all_features(tiny_params, textures):
