@@ -19,6 +19,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._device import check_device
+from ._memory import batches
 
 __all__ = [
     "GreedyCoresetSampler",
@@ -58,16 +59,10 @@ _MIN_SHARE_ROWS = 1 << 14
 _MAX_ROTATED_DIM = 256
 
 
-def _batches(n: int, size: int):
-    """Slices of ``size`` covering ``range(n)``; sklearn's ``gen_batches`` validates its
-    arguments on every call, which costs more than a small step of the selection."""
-    return (slice(lo, min(lo + size, n)) for lo in range(0, n, size))
-
-
 def _sq_norms(Z: torch.Tensor) -> torch.Tensor:
     """Squared row norms, float32, of ``Z`` (n, d) in any stored dtype."""
     out = torch.empty(len(Z), device=Z.device)
-    for b in _batches(len(Z), _CHUNK_ROWS):
+    for b in batches(len(Z), _CHUNK_ROWS):
         torch.linalg.vector_norm(Z[b], dim=1, dtype=torch.float32, out=out[b])
     return out.square_()
 
@@ -80,7 +75,7 @@ def _distances_to(Z, centre, out, scratch):
     the same bits for a row whether it comes in a full pass or in a gathered
     subset, so the accelerated method reproduces the plain greedy sequence.
     """
-    for b in _batches(len(Z), _CHUNK_ROWS):
+    for b in batches(len(Z), _CHUNK_ROWS):
         diff = torch.sub(Z[b], centre, out=scratch[: b.stop - b.start])  # float32
         torch.sum(diff.square_(), 1, out=out[b])
     return out
@@ -176,7 +171,7 @@ def _accelerated_greedy(Z, n_centers, initial, verbose, n_threads=1):
     report = _Progress(n_centers, verbose)
     shares = [
         _Share(rows, Z, coarse, fine, coarse_sq, fine_sq, min_sq, nearest)
-        for rows in _batches(n, -(-n // n_threads))
+        for rows in batches(n, -(-n // n_threads))
     ]
 
     with ThreadPoolExecutor(len(shares), initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -224,7 +219,7 @@ def _update_share(share, C, C_coarse, C_coarse_sq, C_fine, C_fine_sq, via, t, to
     dense = len(near) > n // 2  # then read the coordinates in place rather than gather
     step = max(1, min(_BOUND_ELEMENTS // size, _SCREEN_ROWS))
     lower = share.dist[: n if dense else len(near)]  # closest new centre, coarse
-    for b in _batches(len(lower), step):
+    for b in batches(len(lower), step):
         S = coarse[b] if dense else coarse.index_select(0, near[b])
         torch.amin(torch.addmm(C_coarse_sq[:, None], C_coarse, S.float().T, alpha=-2), 0, out=lower[b])
     if dense:
@@ -232,7 +227,7 @@ def _update_share(share, C, C_coarse, C_coarse_sq, C_fine, C_fine_sq, via, t, to
     else:
         points = near.index_select(0, (lower < rhs.index_select(0, near)).nonzero().squeeze(1))
 
-    for i, b in enumerate(_batches(len(points), step)):
+    for i, b in enumerate(batches(len(points), step)):
         idx = points[b]
         G = torch.addmm(C_fine_sq[:, None], C_fine, fine.index_select(0, idx).float().T, alpha=-2)
         R = min_sq.index_select(0, idx).sub_(share.fine_sq.index_select(0, idx)).add_(tol)
@@ -283,7 +278,7 @@ def _next_picks(Z, sq_norms, min_sq, block):
 def _min_pairwise_sq(A, A_sq, B, B_sq):
     """For each row of ``A``, its smallest squared distance to a row of ``B`` (bounds only)."""
     out = torch.empty(len(A), device=A.device)
-    for b in _batches(len(A), max(1, _BOUND_ELEMENTS // len(B))):
+    for b in batches(len(A), max(1, _BOUND_ELEMENTS // len(B))):
         torch.amin(_pairwise_sq(A[b], A_sq[b], B, B_sq), 1, out=out[b])
     return out
 
@@ -303,7 +298,7 @@ def _update_exact(Z, min_sq, nearest, points, owner, C, t, rows, scratch):
     ``C[j]`` is the centre at selection position ``t + j``; ``rows`` (in the
     dtype of ``Z``) and ``scratch`` (float32) are buffers of ``_CHUNK_ROWS`` rows.
     """
-    for b in _batches(len(points), _CHUNK_ROWS):
+    for b in batches(len(points), _CHUNK_ROWS):
         idx, centre = points[b], owner[b]
         m = len(idx)
         diff = scratch[:m]
@@ -562,7 +557,7 @@ def merge_coresets(
             random_state=random_state, device=device,
         )
         for part in parts:
-            for rows in _batches(len(part), _CHUNK_ROWS):
+            for rows in batches(len(part), _CHUNK_ROWS):
                 stream.add(torch.from_numpy(part[rows]))
         return stream.select(n_selected=n_selected, method=method)
 
@@ -738,7 +733,7 @@ class GreedyCoresetSampler(TransformerMixin, BaseEstimator):
                 dtype=self.projection_dtype, random_state=self.random_state, device=device,
             )
             # 1 MiB batches: the only copies of input rows that the projection makes.
-            for rows in _batches(n_samples, max(1, (1 << 18) // n_features)):
+            for rows in batches(n_samples, max(1, (1 << 18) // n_features)):
                 stream.add(torch.from_numpy(X[rows]))
             self.indices_, self.radius_ = stream.select(
                 self.coreset_ratio, method=self.method, verbose=self.verbose
@@ -897,10 +892,10 @@ def _centre_and_rotate(Z: torch.Tensor) -> None:
     then carry most of the spread, which the accelerated selection uses as a
     lower bound."""
     mean = torch.zeros(Z.shape[1], dtype=torch.float64, device=Z.device)
-    for b in _batches(len(Z), _CHUNK_ROWS):
+    for b in batches(len(Z), _CHUNK_ROWS):
         mean += Z[b].sum(0, dtype=torch.float64)
     mean = (mean / len(Z)).float()
-    for b in _batches(len(Z), _CHUNK_ROWS):
+    for b in batches(len(Z), _CHUNK_ROWS):
         Z[b] = Z[b].float().sub_(mean)
     if Z.shape[1] <= _MAX_ROTATED_DIM:
         _rotate_to_principal_axes(Z)
@@ -910,12 +905,12 @@ def _rotate_to_principal_axes(Z: torch.Tensor) -> None:
     """Rotate the centred rows of ``Z`` in place onto its principal axes, largest first."""
     scratch = _scratch(Z)
     gram = torch.zeros(Z.shape[1], Z.shape[1], device=Z.device)
-    for b in _batches(len(Z), _CHUNK_ROWS):
+    for b in batches(len(Z), _CHUNK_ROWS):
         rows = scratch[: b.stop - b.start].copy_(Z[b])
         gram.addmm_(rows.T, rows)
     # eigh in float64 keeps the axes orthonormal whatever the rounding of the Gram matrix.
     axes = torch.linalg.eigh(gram.double()).eigenvectors.flip(1).float()
     rotated = torch.empty_like(scratch)
-    for b in _batches(len(Z), _CHUNK_ROWS):
+    for b in batches(len(Z), _CHUNK_ROWS):
         m = b.stop - b.start
         Z[b] = torch.mm(scratch[:m].copy_(Z[b]), axes, out=rotated[:m])

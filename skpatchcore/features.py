@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator
-from sklearn.utils import gen_batches
 from torch import nn
 
+from ._memory import batches
 from .images import check_images, crop_box, resized_shape, to_model_input
 from .tiling import iter_tiled_patch_embeddings
 
@@ -663,7 +663,7 @@ def iter_patch_embeddings(
             batch_size=batch_size, device=device, tile_size=tile_size, tile_overlap=tile_overlap,
         )
         return
-    for batch in gen_batches(len(images), batch_size):
+    for batch in batches(len(images), batch_size):
         # Entered per batch: around the yield, inference mode would leak into the
         # caller's code between batches.
         with torch.inference_mode():

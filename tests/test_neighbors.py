@@ -358,6 +358,51 @@ def test_bank_cells_partition_the_bank_by_nearest_centre(clusters):
     np.testing.assert_array_equal(again.cell_centres_, centres)
 
 
+def test_bank_cells_are_centred_on_bank_rows(clusters):
+    # Rows, so that the distance to a centre bounds a query's nearest distance.
+    bank, _ = clusters
+    index = NearestNeighborIndex("exact", random_state=0).fit(bank)
+    rows = index.cell_centre_rows_
+    assert rows.dtype == np.int64 and len(np.unique(rows)) == len(rows) == len(index.cell_bounds_) - 1
+    np.testing.assert_array_equal(index.cell_centres_, bank[rows])
+
+
+def test_largest_nearest_compares_few_queries_with_the_cells(clusters, monkeypatch):
+    bank, queries = clusters
+    index = NearestNeighborIndex("exact", random_state=0).fit(bank)  # 86-136 of 480 over seeds 0-19
+    compared = []
+    cell_bounds_sq = index._cell_bounds_sq
+    monkeypatch.setattr(index, "_cell_bounds_sq", lambda X, *a: compared.append(len(X)) or cell_bounds_sq(X, *a))
+    index.largest_nearest(queries[:480].reshape(4, 120, -1))
+    assert sum(compared) < 0.5 * 480  # the centre rows ruled out the rest (exact: tests above)
+    # Queries on bank rows but one far away: the first floor rules out all the others.
+    compared.clear()
+    images = np.concatenate([bank[:119], bank[:1] + 100.0]).reshape(1, 120, -1)
+    dist, position, _ = index.largest_nearest(images)
+    assert position[0] == 119 and compared == []
+    np.testing.assert_allclose(dist, index.kneighbors(images[0, 119:])[0][:, 0], rtol=1e-5)
+
+
+def test_largest_nearest_skips_centre_rows_of_the_same_group(clusters):
+    # A query on a centre row of its own group must not be bounded by that row:
+    # copies of the centre rows, the others on rows of other groups (distance ~0).
+    from skpatchcore.scoring import max_patches
+
+    bank, _ = clusters
+    index = NearestNeighborIndex("exact").fit(bank)
+    centres = index.cell_centre_rows_[:60]
+    bank_groups = np.ones(len(bank), dtype=np.int64)
+    bank_groups[centres] = 0
+    others = np.setdiff1d(np.arange(len(bank)), index.cell_centre_rows_)[:60]
+    images = np.concatenate([bank[centres], bank[others] + 1e-3])[None]
+    dist, idx = exact_kneighbors(images[0], bank, 1, query_groups=np.zeros(120, dtype=int), bank_groups=bank_groups)
+    want = max_patches(dist[:, 0][None], idx[:, 0][None])
+    got = index.largest_nearest(images, groups=[0], bank_groups=bank_groups)
+    assert want[1][0] < 60  # the answer is a copy of a centre row
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
 def test_bank_cells_split_the_dense_rows_of_a_coreset_bank():
     # A coreset's first picks are its outliers: cells around them left the dense
     # bulk, where queries fall, in one or two cells (2,098 rows per query here).
@@ -382,19 +427,26 @@ def test_bank_cells_of_duplicate_rows_are_not_empty():
     np.testing.assert_allclose(index.largest_nearest(images)[0], dist[:, 0].reshape(2, 2).max(1), rtol=1e-5)
 
 
-def test_largest_nearest_of_an_index_pickled_before_cell_centres(clusters):
-    # Such an index has no cell_centres_: its cells are around the bank's first rows.
+@pytest.mark.parametrize("pickled", ["before the centres", "with k-means centres"])
+def test_largest_nearest_of_an_index_pickled_by_an_earlier_version(clusters, pickled):
     bank, queries = clusters
     index = NearestNeighborIndex("exact").fit(bank)
     images = queries[:480].reshape(4, 120, -1)
     want = index.largest_nearest(images)
-    n_cells = round(np.sqrt(2 * len(bank)))
-    cell = np.linalg.norm(bank[:, None] - bank[None, :n_cells], axis=2).argmin(axis=1)
     state = index.__getstate__()
-    del state["cell_centres_"]
-    state["cell_order_"] = np.argsort(cell, kind="stable")
-    state["cell_bounds_"] = np.r_[0, np.cumsum(np.bincount(cell, minlength=n_cells))]
-    state["cell_blocks_"] = None
+    del state["cell_centre_rows_"]
+    if pickled == "before the centres":  # no cell_centres_: cells around the bank's first rows
+        n_cells = round(np.sqrt(2 * len(bank)))
+        cell = np.linalg.norm(bank[:, None] - bank[None, :n_cells], axis=2).argmin(axis=1)
+        del state["cell_centres_"]
+        state["cell_order_"] = np.argsort(cell, kind="stable")
+        state["cell_bounds_"] = np.r_[0, np.cumsum(np.bincount(cell, minlength=n_cells))]
+        state["cell_blocks_"] = None
+    else:
+        # Centres that are not bank rows bound nothing. Here they sit on the
+        # queries farthest from the bank, which a zero bound would rule out.
+        farthest = np.argsort(-index.kneighbors(queries[:480])[0][:, 0])[: len(index.cell_centres_)]
+        state["cell_centres_"] = queries[farthest]
     old = NearestNeighborIndex.__new__(NearestNeighborIndex)
     old.__setstate__(state)
     got = old.largest_nearest(images)
