@@ -389,7 +389,7 @@ def test_largest_nearest_skips_centre_rows_of_the_same_group(clusters):
     from skpatchcore.scoring import max_patches
 
     bank, _ = clusters
-    index = NearestNeighborIndex("exact").fit(bank)
+    index = NearestNeighborIndex("exact", random_state=0).fit(bank)
     centres = index.cell_centre_rows_[:60]
     bank_groups = np.ones(len(bank), dtype=np.int64)
     bank_groups[centres] = 0
