@@ -316,7 +316,7 @@ def _search(X, bank, bank_sq_norms, n_neighbors, query_groups, bank_groups, work
     return distances.cpu().numpy(), indices.cpu().numpy()
 
 
-def _bank_cells(bank: np.ndarray, working_memory, random_state) -> tuple:
+def _bank_cells(bank: np.ndarray, bank_sq_norms: np.ndarray, working_memory, random_state) -> tuple:
     """Rows of ``bank`` grouped into cells around some of its rows: ``(centre_rows, order, bounds)``.
 
     About ``sqrt(2 * n)`` centres balance a query's two costs: its distances to
@@ -342,8 +342,7 @@ def _bank_cells(bank: np.ndarray, working_memory, random_state) -> tuple:
         kmeans = KMeans(
             n_cells, init="random", n_init=1, max_iter=_CELL_KMEANS_ITER, random_state=rng
         ).fit(sample)
-    rows = torch.from_numpy(bank)
-    rows_sq = _squared_norms(rows)
+    rows, rows_sq = torch.from_numpy(bank), torch.from_numpy(bank_sq_norms)
     means = torch.from_numpy(kmeans.cluster_centers_.astype(np.float32))
     centre_rows = np.unique(_search(means, rows, rows_sq, 1, None, None, working_memory)[1][:, 0])
     picked = torch.from_numpy(centre_rows)
@@ -641,7 +640,7 @@ class NearestNeighborIndex(BaseEstimator):
             self.principal_axes_, self.bank_projected_ = _principal_projection(self.bank_)
             self._bank_projected_sq_norms = _squared_norms(torch.from_numpy(self.bank_projected_))
         self.cell_centre_rows_, self.cell_order_, self.cell_bounds_ = _bank_cells(
-            self.bank_, self.working_memory, self.random_state
+            self.bank_, self.bank_sq_norms_, self.working_memory, self.random_state
         )
         self.cell_centres_ = self.bank_[self.cell_centre_rows_]
         self.cell_blocks_ = None
@@ -947,6 +946,8 @@ class NearestNeighborIndex(BaseEstimator):
             # Lite0 patches) but enough for a first floor to rule out nine queries
             # in ten before the cells' products. Bounds to be returned come from
             # the cells for all queries: the thresholds' maps are built on them.
+            # (The few left redo their centre products to rank cells: cheaper than
+            # keeping every query's nearest cells from this pass.)
             bound = bounds(alive, None)
             alive = search_floor(alive)
         if len(alive):
