@@ -16,7 +16,7 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from ._device import check_device, module_on
-from ._memory import FeatureFile, check_fits_in_memory, image_features, patch_rows
+from ._memory import FeatureFile, check_fits_in_memory, empty, image_features, patch_rows
 from .coreset import ProjectedRows, coreset_size
 from .feature_cache import cached_coreset, cached_patch_embeddings, feature_key, load_network
 from .features import FeatureExtractor, TorchvisionExtractor
@@ -715,7 +715,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         )
         shape = (n_images, h, w, dim)
         if in_memory:
-            features = np.empty(shape, dtype=np.float32)
+            features = empty(shape)
         else:
             features = FeatureFile(os.path.join(folder, "features.npy"), shape)
         projected = ProjectedRows(
@@ -828,7 +828,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         size = resized_shape(images.shape[1:3], self.image_size)
         box = crop_box(size, self.crop_size)
         scores = np.empty(len(images), dtype=np.float32)
-        maps = np.empty((len(images), *images.shape[1:3]), dtype=np.float32) if with_maps else None
+        maps = empty((len(images), *images.shape[1:3])) if with_maps else None
         for batch, patches in self._patch_batches(net, images, size, box, device):
             n, h, w, dim = patches.shape
             flat = patches.reshape(n, h * w, dim).cpu().numpy()

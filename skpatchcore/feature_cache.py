@@ -30,6 +30,7 @@ from sklearn.utils import gen_batches
 from sklearn.utils.validation import check_memory
 from torch import nn
 
+from ._memory import empty
 from .coreset import ProjectedRows
 from .features import FeatureExtractor, ModuleExtractor, TorchvisionExtractor, iter_patch_embeddings
 from .progress import log, progress_bar
@@ -137,7 +138,7 @@ def _all_patch_embeddings(
     )
     for batch, patches in _with_progress(batches, len(images), verbose):
         if out is None:
-            out = np.empty((len(images), *patches.shape[1:]), dtype=np.float32)
+            out = empty((len(images), *patches.shape[1:]))
         out[batch] = patches.cpu().numpy()
     return out
 
