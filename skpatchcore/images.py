@@ -281,8 +281,9 @@ def to_model_input(images: np.ndarray, size: tuple[int, int], box, device) -> to
     batch = batch.permute(0, 3, 1, 2).float()
     if images.dtype == np.uint8:
         batch = batch / 255.0
-    if batch.shape[1] == 1:
-        batch = batch.expand(-1, 3, -1, -1)
     batch = _resize(batch, size)
+    if batch.shape[1] == 1:
+        # After resizing: one channel resized, not three (MVTec screw 384 -> 512 px: 1.6 against 7.5 ms).
+        batch = batch.expand(-1, 3, -1, -1)
     top, left, height, width = box
     return batch[:, :, top : top + height, left : left + width].contiguous()

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from skpatchcore.images import (
     check_images,
@@ -106,6 +107,15 @@ def test_model_input_scales_uint8_and_replicates_gray():
     batch = to_model_input(images, (6, 6), (0, 0, 6, 6), "cpu")
     assert batch.shape == (2, 3, 6, 6)
     assert float(batch.min()) == float(batch.max()) == 1.0
+
+
+def test_gray_resized_is_the_rgb_replica_resized():
+    gray = np.random.RandomState(0).randint(0, 256, (2, 20, 30, 1)).astype(np.uint8)
+    for size, box in (((13, 17), (1, 2, 10, 12)), ((40, 60), (0, 0, 40, 60))):
+        batch = to_model_input(gray, size, box, "cpu")
+        expected = to_model_input(np.repeat(gray, 3, axis=-1), size, box, "cpu")
+        assert batch.is_contiguous()
+        torch.testing.assert_close(batch, expected, rtol=0, atol=0)
 
 
 def test_uint16_is_read_over_the_full_16_bit_range():
