@@ -91,8 +91,15 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         :class:`ModuleExtractor` (any ``torch.nn.Module`` and layer names) or
         :class:`EfficientNetLite0Extractor` (works offline).
     image_size : int, (height, width) or None, default=256
-        Size the network sees: an int sets the shorter side and keeps the
-        aspect ratio, a pair sets both, ``None`` keeps each input's size.
+        Size the network sees: an int keeps the aspect ratio and is read by
+        ``image_size_rule``, a pair sets both sides, ``None`` keeps each
+        input's size.
+    image_size_rule : {"shorter_side", "area"}, default="shorter_side"
+        How an int ``image_size`` resizes: ``"shorter_side"`` sets the
+        shorter side (as ``torchvision.transforms.Resize``); ``"area"`` gives
+        every image about ``image_size ** 2`` pixels, so an elongated part
+        (e.g. 256 x 640 px) costs what a square one does instead of
+        ``640 / 256`` times as much. Pairs and ``None`` ignore it.
     crop_size : int, (height, width) or None, default=None
         Centre crop after resizing (the paper crops 224 from 256). Map pixels
         outside the crop are 0. ``None`` sees the whole image.
@@ -273,9 +280,13 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     (2, 64, 64)
     """
 
+    # Detectors pickled before this parameter existed resize by the shorter side.
+    image_size_rule = "shorter_side"
+
     _parameter_constraints: dict = {
         "feature_extractor": [str, FeatureExtractor],
         "image_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
+        "image_size_rule": [StrOptions({"shorter_side", "area"})],
         "crop_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "tile_size": [Interval(Integral, 1, None, closed="left"), tuple, list, None],
         "tile_overlap": [Interval(Integral, 0, None, closed="left")],
@@ -302,6 +313,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         *,
         feature_extractor="wide_resnet50_2",
         image_size=256,
+        image_size_rule="shorter_side",
         crop_size=None,
         tile_size=None,
         tile_overlap=32,
@@ -324,6 +336,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
     ):
         self.feature_extractor = feature_extractor
         self.image_size = image_size
+        self.image_size_rule = image_size_rule
         self.crop_size = crop_size
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
@@ -375,7 +388,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             )
         coreset_seed, index_seed, threshold_seed = self._fit_seeds()
         net = self._load_network(device)
-        size = resized_shape(images.shape[1:3], self.image_size)
+        size = resized_shape(images.shape[1:3], self.image_size, self.image_size_rule)
         box = crop_box(size, self.crop_size)
         # Large feature sets go to a file in here; removed however fit ends.
         with tempfile.TemporaryDirectory(prefix="skpatchcore-") as folder:
@@ -495,7 +508,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             )
         coreset_seed, index_seed, threshold_seed = self._fit_seeds()
         net = self.feature_extractor_.to(device)
-        size = resized_shape(images.shape[1:3], self.image_size)
+        size = resized_shape(images.shape[1:3], self.image_size, self.image_size_rule)
         box = crop_box(size, self.crop_size)
         old_bank, n_old = self.memory_bank_, self.n_samples_seen_
         with tempfile.TemporaryDirectory(prefix="skpatchcore-") as folder:
@@ -564,7 +577,9 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
 
     def _training_images(self, X, y) -> np.ndarray:
         """The normal images of ``X`` (``y == 0``), checked, of one network input size."""
-        images = common_size_images(X, self.image_size, image_shape=self.image_shape)
+        images = common_size_images(
+            X, self.image_size, image_shape=self.image_shape, rule=self.image_size_rule
+        )
         if y is not None:
             images = images[self._normal_rows(y, len(images))]
         return images
@@ -825,7 +840,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         if next(net.parameters(), torch.empty(0)).device != device:
             net = net.to(device)  # walks every parameter: 2 ms a call for Lite0
         self.nn_index_.set_params(device=device)
-        size = resized_shape(images.shape[1:3], self.image_size)
+        size = resized_shape(images.shape[1:3], self.image_size, self.image_size_rule)
         box = crop_box(size, self.crop_size)
         scores = np.empty(len(images), dtype=np.float32)
         maps = empty((len(images), *images.shape[1:3])) if with_maps else None

@@ -296,7 +296,7 @@ class _Shard:
         device = check_device(detector.device)
         self.offset = offset
         self.image_shape = images.shape[1:]
-        self.size = resized_shape(images.shape[1:3], detector.image_size)
+        self.size = resized_shape(images.shape[1:3], detector.image_size, detector.image_size_rule)
         self.box = crop_box(self.size, detector.crop_size)
         self._folder = tempfile.mkdtemp(prefix="skpatchcore-shard-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)

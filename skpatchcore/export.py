@@ -35,7 +35,7 @@ class _Scorer(nn.Module):
     def __init__(self, detector: PatchCoreDetector, image_shape: tuple[int, int]) -> None:
         super().__init__()
         self.net = module_on(detector.feature_extractor_, "cpu")
-        self.size = resized_shape(image_shape, detector.image_size)
+        self.size = resized_shape(image_shape, detector.image_size, detector.image_size_rule)
         self.box = crop_box(self.size, detector.crop_size)
         self.image_shape = tuple(image_shape)
         self.sigma = float(detector.sigma)

@@ -676,6 +676,7 @@ def extract_patch_features(
     images,
     *,
     image_size=256,
+    image_size_rule: str = "shorter_side",
     crop_size=None,
     embedding_dim: int | None = 1024,
     batch_size: int = 16,
@@ -691,7 +692,7 @@ def extract_patch_features(
         A configuration (loaded here) or the result of its ``load()``.
     images : array-like of shape (n, H, W[, C])
         uint8 in [0, 255] or float in [0, 1].
-    image_size, crop_size : see :class:`~skpatchcore.PatchCoreDetector`.
+    image_size, image_size_rule, crop_size : see :class:`~skpatchcore.PatchCoreDetector`.
     embedding_dim : int or None, default=1024
     batch_size : int, default=16
     device : str or torch.device, default="cpu"
@@ -706,7 +707,7 @@ def extract_patch_features(
     images = check_images(images)
     net = extractor.load() if isinstance(extractor, FeatureExtractor) else extractor
     net = net.to(device)
-    size = resized_shape(images.shape[1:3], image_size)
+    size = resized_shape(images.shape[1:3], image_size, image_size_rule)
     box = crop_box(size, crop_size)
     chunks = [
         patches.cpu().numpy()

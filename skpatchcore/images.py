@@ -18,6 +18,7 @@ splits it into arrays of equal-sized images, each scored at its own size, and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -188,13 +189,13 @@ def size_groups(X) -> list[tuple[np.ndarray, list]] | None:
     return [(np.array(pos), [X[i] for i in pos]) for pos in groups.values()]
 
 
-def common_size_images(X, image_size, *, image_shape=None) -> np.ndarray:
+def common_size_images(X, image_size, *, image_shape=None, rule="shorter_side") -> np.ndarray:
     """Images as one ``(n, H, W, C)`` array, resizing a list of different sizes.
 
     Images of one size are checked as :func:`check_images`. A list of
     different sizes is resized image by image to ``resized_shape(shape,
-    image_size)`` (as the network input would be), which must come out the
-    same for all of them.
+    image_size, rule)`` (as the network input would be), which must come out
+    the same for all of them.
 
     Returns
     -------
@@ -206,7 +207,7 @@ def common_size_images(X, image_size, *, image_shape=None) -> np.ndarray:
         return check_images(X, image_shape=image_shape)
     checked = [check_images(images) for _, images in groups]
     channels = {images.shape[-1] for images in checked}
-    sizes = {resized_shape(images.shape[1:3], image_size) for images in checked}
+    sizes = {resized_shape(images.shape[1:3], image_size, rule) for images in checked}
     if len(channels) > 1:
         raise ValueError("Images of a list must all be grayscale or all RGB; got both.")
     if len(sizes) > 1:
@@ -243,17 +244,21 @@ def _pair(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
 
 
-def resized_shape(shape: tuple[int, int], image_size) -> tuple[int, int]:
+def resized_shape(shape: tuple[int, int], image_size, rule: str = "shorter_side") -> tuple[int, int]:
     """Size ``(h, w)`` an ``(H, W)`` image is resized to.
 
-    ``None`` keeps it, an int sets the shorter side and keeps the aspect
-    ratio (as ``torchvision.transforms.Resize``), a pair is taken as it is.
+    ``None`` keeps it, a pair is taken as it is. An int keeps the aspect
+    ratio and, by ``rule``, sets the shorter side (``"shorter_side"``, as
+    ``torchvision.transforms.Resize``) or gives the image about
+    ``image_size ** 2`` pixels (``"area"``: a long image costs what a square
+    one does).
     """
     if image_size is None:
         return tuple(shape)
     if isinstance(image_size, (int, np.integer)):
         height, width = shape
-        scale = image_size / min(height, width)
+        side = min(height, width) if rule == "shorter_side" else math.sqrt(height * width)
+        scale = image_size / side
         return (max(1, round(height * scale)), max(1, round(width * scale)))
     return _pair(image_size)
 

@@ -25,11 +25,15 @@ def _accurate() -> PatchCoreDetector:
     # (1.6x the fast preset's bank rows) rather than 2.5 % (the same rows) keeps
     # KolektorSDD's image AUROC level with the fast preset's (0.891 against
     # 0.887; fast: 0.892).
+    # 512^2 pixels for every image ("area"), not a 512-px shorter side: KolektorSDD's
+    # 256 x 640 parts then become 324 x 810 rather than 512 x 1280, at a third of the
+    # fit time (37 s against 108 s) and image AUROC 0.915 rather than 0.891.
     # One 512-px image per forward pass: on a CPU its activations stay in cache
     # (Lite0 to blocks.5 took 40-56 ms per image in batches of 1, 75-78 in batches of 4).
     return PatchCoreDetector(
         feature_extractor=EfficientNetLiteExtractor("lite0", layers=("blocks.2", "blocks.4", "blocks.5")),
         image_size=512,
+        image_size_rule="area",
         coreset_ratio=0.04,
         batch_size=1,
         # Image scores search exactly with either backend; a pynndescent graph of

@@ -70,6 +70,36 @@ def test_maps_align_on_non_square_larger_inputs(fitted, textures):
     assert 12 <= row <= 40 and 82 <= col <= 110
 
 
+def test_area_rule_resizes_long_images_to_the_pixels_of_a_square(tiny_params, textures):
+    normal, defective, _ = textures
+    # 32 x 80 strips: about 32^2 pixels under "area" is 20 x 51, what a pair asks for directly.
+    def strips(images):
+        return np.concatenate([images, images, images[:, :, :16]], axis=2)
+
+    by_area = PatchCoreDetector(**{**tiny_params, "image_size_rule": "area"}).fit(strips(normal[6:]))
+    by_pair = PatchCoreDetector(**{**tiny_params, "image_size": (20, 51)}).fit(strips(normal[6:]))
+    by_side = PatchCoreDetector(**tiny_params).fit(strips(normal[6:]))
+    np.testing.assert_array_equal(by_area.memory_bank_, by_pair.memory_bank_)
+    assert len(by_side.memory_bank_) > len(by_area.memory_bank_)  # 32 x 80 input: more patches
+    test = strips(defective)
+    np.testing.assert_array_equal(by_area.score_samples(test), by_pair.score_samples(test))
+    maps = by_area.anomaly_maps(test)
+    assert maps.shape == (6, 32, 80)
+    np.testing.assert_array_equal(maps, by_pair.anomaly_maps(test))
+
+
+def test_unknown_size_rule_is_refused(tiny_params, textures):
+    with pytest.raises(ValueError, match="image_size_rule"):
+        PatchCoreDetector(**{**tiny_params, "image_size_rule": "longer_side"}).fit(textures[0])
+
+
+def test_detector_pickled_before_the_size_rule_resizes_by_the_shorter_side(fitted, textures):
+    old = pickle.loads(pickle.dumps(fitted))
+    del old.__dict__["image_size_rule"]  # as unpickled from an earlier version
+    assert old.get_params()["image_size_rule"] == "shorter_side"
+    np.testing.assert_array_equal(old.score_samples(textures[1]), fitted.score_samples(textures[1]))
+
+
 def test_return_score_samples_matches_score_samples(fitted, textures):
     maps, scores = fitted.anomaly_maps(textures[1], return_score_samples=True)
     np.testing.assert_array_equal(scores, fitted.score_samples(textures[1]))

@@ -95,6 +95,22 @@ def test_int_image_size_sets_the_shorter_side():
     assert resized_shape((100, 300), None) == (100, 300)
 
 
+def test_area_rule_gives_about_image_size_squared_pixels_and_keeps_the_aspect_ratio():
+    # KolektorSDD's 256 x 640 files at 512: 324 x 810 (262,440 pixels against 512^2 = 262,144).
+    assert resized_shape((256, 640), 512, "area") == (324, 810)
+    assert resized_shape((640, 256), 512, "area") == (810, 324)
+    assert resized_shape((384, 384), 512, "area") == resized_shape((384, 384), 512) == (512, 512)
+    # Pairs and None are taken as they are.
+    assert resized_shape((100, 300), (20, 30), "area") == (20, 30)
+    assert resized_shape((100, 300), None, "area") == (100, 300)
+
+
+def test_common_size_images_follows_the_size_rule():
+    X = [np.zeros((40, 100, 3), np.uint8), np.zeros((20, 50, 3), np.uint8)]
+    assert common_size_images(X, 32).shape == (2, 32, 80, 3)
+    assert common_size_images(X, 32, rule="area").shape == (2, 20, 51, 3)
+
+
 def test_crop_box_is_centred_and_checked():
     assert crop_box((10, 20), 4) == (3, 8, 4, 4)
     assert crop_box((10, 20), None) == (0, 0, 10, 20)

@@ -23,6 +23,8 @@ def test_fast_is_the_papers_recipe_on_lite0():
 def test_accurate_doubles_the_resolution_with_a_larger_bank():
     det = make_detector("accurate")
     assert (det.image_size, det.coreset_ratio) == (512, 0.04)
+    # 512^2 pixels per image whatever its aspect ratio: long parts cost what square ones do.
+    assert det.image_size_rule == "area"
     assert isinstance(det.feature_extractor, EfficientNetLiteExtractor)
     # A coarser stage than the fast preset's, for context at the higher resolution.
     assert det.feature_extractor.layers == ("blocks.2", "blocks.4", "blocks.5")
