@@ -178,8 +178,7 @@ def _add_benchmark_command(subcommands) -> None:
     bench.add_argument(
         "--algorithm",
         choices=("auto", "exact", "pynndescent"),
-        default="auto",
-        help="nearest-neighbour backend (default: auto)",
+        help="nearest-neighbour backend (default: auto, or a --config preset's own)",
     )
     bench.add_argument("--random-state", type=int, default=0, help="seed (default: 0)")
     bench.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -258,12 +257,9 @@ def find_categories(root) -> list[str]:
 
 def _make_detector(args, run: str):
     """The detector of one table row: a ``--config`` preset or a ``--backbone``."""
-    common = dict(
-        algorithm=args.algorithm,
-        random_state=args.random_state,
-        device=args.device,
-        verbose=args.verbose,
-    )
+    common = dict(random_state=args.random_state, device=args.device, verbose=args.verbose)
+    if args.algorithm is not None:  # else a preset keeps its own ("accurate": exact)
+        common["algorithm"] = args.algorithm
     if args.config:
         return make_detector(run, **common)
     return PatchCoreDetector(

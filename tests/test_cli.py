@@ -11,7 +11,15 @@ import pytest
 from PIL import Image
 
 from skpatchcore import EfficientNetLite0Extractor, PatchCoreDetector, TorchvisionExtractor
-from skpatchcore.cli import _make_extractor, _training_subset, find_categories, format_results, main
+from skpatchcore.cli import (
+    _build_parser,
+    _make_detector,
+    _make_extractor,
+    _training_subset,
+    find_categories,
+    format_results,
+    main,
+)
 from skpatchcore.presets import PRESETS
 from skpatchcore.datasets import make_anomaly_images
 
@@ -258,6 +266,16 @@ def test_config_runs_a_named_preset(mvtec_root, monkeypatch, capsys):
     assert status == 0
     _, _, row = _table(capsys.readouterr().out, "Image-Level AUC")
     assert row[0] == "tiny" and float(row[2]) >= 0.8
+
+
+def test_config_keeps_the_presets_algorithm_unless_one_is_given():
+    argv = ["benchmark", "--root", ".", "--all", "--config", "accurate"]
+    args = _build_parser().parse_args(argv)
+    assert _make_detector(args, "accurate").algorithm == "exact"  # the preset's own
+    args = _build_parser().parse_args([*argv, "--algorithm", "pynndescent"])
+    assert _make_detector(args, "accurate").algorithm == "pynndescent"
+    args = _build_parser().parse_args(["benchmark", "--root", ".", "--all"])
+    assert _make_detector(args, "resnet18").algorithm == "auto"
 
 
 def test_config_and_backbone_exclude_each_other(capsys):
