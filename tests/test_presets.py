@@ -20,16 +20,16 @@ def test_fast_is_the_papers_recipe_on_lite0():
     assert det.feature_extractor.variant == "lite0"
 
 
-def test_accurate_doubles_the_resolution_with_a_larger_bank():
+def test_accurate_doubles_the_resolution_with_the_same_bank_size():
     det = make_detector("accurate")
-    assert (det.image_size, det.coreset_ratio) == (512, 0.04)
+    assert (det.image_size, det.coreset_ratio) == (512, 0.025)
     # 512^2 pixels per image whatever its aspect ratio: long parts cost what square ones do.
     assert det.image_size_rule == "area"
     assert isinstance(det.feature_extractor, EfficientNetLiteExtractor)
     # A coarser stage than the fast preset's, for context at the higher resolution.
     assert det.feature_extractor.layers == ("blocks.2", "blocks.4", "blocks.5")
-    # 4x the patches at 0.4x the ratio: 1.6x the fast preset's bank size.
-    assert 4 * det.coreset_ratio == pytest.approx(1.6 * make_detector("fast").coreset_ratio)
+    # 4x the patches at a quarter of the ratio: the fast preset's bank size.
+    assert 4 * det.coreset_ratio == pytest.approx(make_detector("fast").coreset_ratio)
     # One image per forward pass (cache-friendly on a CPU), exact search (no graph build).
     assert (det.batch_size, det.algorithm) == (1, "exact")
 
