@@ -72,6 +72,11 @@ def run_child(args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def print_row(category: str, label: str, values: dict, columns) -> None:
+    cells = " | ".join(f"{values[c]:.4g}" for c in columns)
+    print(f"| {category} | {label} | {cells} |", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -96,21 +101,19 @@ def main(argv=None) -> int:
     for category in categories:
         runs = {"fast": [], "accurate": []}
         for _ in range(args.repeats):
-            for preset in runs:
+            for preset, done in runs.items():
                 job = {
                     "root": str(args.root), "category": category, "preset": preset,
                     "n_train": args.n_train, "maps_images": args.maps_images,
                 }
-                runs[preset].append(run_child(job))
-                cells = " | ".join(f"{runs[preset][-1][c]:.4g}" for c in columns)
-                print(f"| {category} | {preset} | {cells} |", flush=True)
-        runs = {preset: {c: statistics.median(run[c] for run in done) for c in columns} for preset, done in runs.items()}
-        for preset, median in runs.items():
-            cells = " | ".join(f"{median[c]:.4g}" for c in columns)
-            print(f"| {category} | {preset}, median | {cells} |", flush=True)
+                done.append(run_child(job))
+                print_row(category, preset, done[-1], columns)
+        medians = {preset: {c: statistics.median(run[c] for run in done) for c in columns} for preset, done in runs.items()}
+        for preset, median in medians.items():
+            print_row(category, f"{preset}, median", median, columns)
         ratios = " | ".join(
-            f"{runs['accurate'][c] / runs['fast'][c]:.2f}x" if c != "image_auroc"
-            else f"{runs['accurate'][c] - runs['fast'][c]:+.3f}"
+            f"{medians['accurate'][c] / medians['fast'][c]:.2f}x" if c != "image_auroc"
+            else f"{medians['accurate'][c] - medians['fast'][c]:+.3f}"
             for c in columns
         )
         print(f"| {category} | accurate / fast | {ratios} |", flush=True)

@@ -288,7 +288,7 @@ def to_model_input(images: np.ndarray, size: tuple[int, int], box, device) -> to
         batch = batch / 255.0
     batch = _resize(batch, size)
     if batch.shape[1] == 1:
-        # After resizing: one channel resized, not three (MVTec screw 384 -> 512 px: 1.6 against 7.5 ms).
+        # After resizing: one channel resized, not three (MVTec screw 384 -> 256 px: 0.3-0.5 against 0.9-1.1 ms).
         batch = batch.expand(-1, 3, -1, -1)
     top, left, height, width = box
     return batch[:, :, top : top + height, left : left + width].contiguous()
