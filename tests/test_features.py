@@ -17,6 +17,8 @@ from skpatchcore import (
 from skpatchcore.features import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    _SameConv2d,
+    _unpad_same_convs,
     extract_patch_features,
     lite0_state_dict,
     lite_state_dict,
@@ -301,6 +303,45 @@ def test_lite_batch_norms_fold_with_their_activation():
         for got, want in zip(folded(images), unfolded(images)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
             assert float(want.abs().max()) > 1  # not trivially small maps
+
+
+@pytest.mark.parametrize("kernel, groups", [(3, 1), (3, 8), (5, 8)])
+@pytest.mark.parametrize("size", [(32, 32), (33, 33), (32, 35), (9, 2)])
+def test_same_convolutions_pad_like_timm_without_copying_the_input(kernel, groups, size):
+    conv2d_same = pytest.importorskip("timm.layers.conv2d_same", reason="timm is not installed")
+    torch.manual_seed(0)
+    reference = conv2d_same.Conv2dSame(8, 16, kernel, stride=2, groups=groups).eval()
+    body = nn.Sequential(reference)
+    _unpad_same_convs(body)
+    assert isinstance(body[0], _SameConv2d) and body[0].weight is reference.weight
+    images = torch.rand(2, 8, *size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got, want = body(images), reference(images)
+    assert got.shape == want.shape == (2, 16, -(-size[0] // 2), -(-size[1] // 2))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_lite_networks_run_without_timms_padding_copies():
+    _require_lite("lite0")
+    import timm
+
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    reference.load_state_dict(lite_state_dict("lite0"))
+    want = {}
+    for name in ("2", "4"):
+        reference.blocks.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: want.__setitem__(name, out)
+        )
+    net = EfficientNetLite0Extractor().load()
+    assert not any(type(m).__name__ == "Conv2dSame" for m in net.modules())
+    assert sum(isinstance(m, _SameConv2d) for m in net.modules()) == 4  # the strided ones to blocks.4
+    images = torch.rand(2, 3, 97, 130)  # odd and even sides: uneven and even padding
+    with torch.inference_mode():
+        got = net(images)
+        reference((images - net.mean) / net.std)
+    for got_map, want_map in zip(got, (want["2"], want["4"])):
+        # Folded batch norms: float32 rounding apart.
+        torch.testing.assert_close(got_map, want_map, rtol=1e-4, atol=1e-4 * float(want_map.abs().max()))
 
 
 class _FlattensNCHW(nn.Module):
