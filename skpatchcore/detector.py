@@ -848,7 +848,7 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
             n, h, w, dim = patches.shape
             flat = patches.reshape(n, h * w, dim).cpu().numpy()
             scores[batch], dist = image_scores(
-                self.nn_index_, flat, self.n_neighbors, patch_distances=with_maps
+                self.nn_index_, flat, self.n_neighbors, patch_distances=with_maps, grid=(h, w)
             )
             if with_maps:
                 maps[batch] = anomaly_maps(

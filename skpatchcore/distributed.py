@@ -740,7 +740,7 @@ class ShardedIndex(BaseEstimator):
             queries.release()
         return tuple(_merge_nearest(parts, n_neighbors))
 
-    def largest_nearest(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def largest_nearest(self, X, *, grid=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The query of each group farthest from its nearest bank row (Eq. 6), exactly.
 
         Every query is searched on every shard (one round trip): the pruning
@@ -752,6 +752,10 @@ class ShardedIndex(BaseEstimator):
         ----------
         X : ndarray of shape (n_groups, n_queries, n_features_in_), float32
             Queries in groups, e.g. the patch features of images.
+        grid : (h, w), default=None
+            Ignored (every query is searched); accepted as by
+            :meth:`NearestNeighborIndex.largest_nearest
+            <skpatchcore.NearestNeighborIndex.largest_nearest>`.
 
         Returns
         -------

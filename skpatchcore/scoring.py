@@ -102,7 +102,9 @@ def rerank_max_patches(
     return s_star, best_patch, bank_idx
 
 
-def image_scores(index, patches: np.ndarray, n_neighbors: int, *, patch_distances: bool = True):
+def image_scores(
+    index, patches: np.ndarray, n_neighbors: int, *, patch_distances: bool = True, grid=None
+):
     """Patch distances and image scores of images' patch features (Eq. 6-7).
 
     Parameters
@@ -121,6 +123,10 @@ def image_scores(index, patches: np.ndarray, n_neighbors: int, *, patch_distance
         them, only each image's most anomalous patch is searched for, exactly
         (:meth:`~skpatchcore.NearestNeighborIndex.largest_nearest`), at a
         fraction of the cost of a full search.
+    grid : (h, w), default=None
+        The patches' grid, row by row (``n_patches = h * w``): the search for
+        the largest distance starts from its neighbouring patches' nearest
+        rows (same result, less work).
 
     Returns
     -------
@@ -135,7 +141,7 @@ def image_scores(index, patches: np.ndarray, n_neighbors: int, *, patch_distance
     n_images, n_patches, dim = patches.shape
     dist = None
     if not patch_distances:
-        _, patch, nearest = index.largest_nearest(patches)
+        _, patch, nearest = index.largest_nearest(patches, grid=grid)
     else:
         dist, idx = index.kneighbors(patches.reshape(-1, dim), 1)
         dist, idx = dist[:, 0].reshape(n_images, n_patches), idx[:, 0].reshape(n_images, n_patches)

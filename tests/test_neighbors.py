@@ -10,7 +10,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 from skpatchcore import neighbors
 from skpatchcore.neighbors import NearestNeighborIndex, exact_kneighbors
-from skpatchcore.scoring import image_scores
+from skpatchcore.scoring import image_scores, max_patches
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +222,11 @@ def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
     assert np.all(got_dist >= want_dist * (1 - 1e-3))
 
 
+@pytest.mark.parametrize("grid", [None, (10, 13)])
 @pytest.mark.parametrize("cell_copy", [True, False])
 @pytest.mark.parametrize("more_cells", [False, True])
 @pytest.mark.parametrize("order", ["greedy", "shuffled"])
-def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, cell_copy, monkeypatch):
+def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, cell_copy, grid, monkeypatch):
     from skpatchcore.coreset import k_center_greedy
     from skpatchcore.scoring import max_patches
 
@@ -241,11 +242,42 @@ def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, cell_
     images = np.concatenate([queries, bank[:20] + 0.01]).reshape(4, 130, -1)
     dist, idx = index.kneighbors(images.reshape(-1, images.shape[-1]), 1)
     want = max_patches(dist[:, 0].reshape(4, 130), idx[:, 0].reshape(4, 130))
-    got = index.largest_nearest(images)
+    got = index.largest_nearest(images, grid=grid)  # a grid of unrelated patches: loose seeds' bounds
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[2], want[2])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     assert got[0].dtype == np.float32 and got[1].dtype == got[2].dtype == np.int64
+
+
+@pytest.mark.parametrize("grid", [(8, 10), (9, 11)])
+def test_largest_nearest_of_patch_grids_starts_from_neighbouring_patches(clusters, grid, monkeypatch):
+    # Patches that share their nearest row with their 2 x 2 block, as neighbouring
+    # patch features mostly do, and one far away per image: only the seeds (a
+    # quarter) meet the cell centres, their rows bound every other patch, and no
+    # patch needs more cells.
+    bank, _ = clusters
+    rng = np.random.default_rng(0)
+    h, w = grid
+    index = NearestNeighborIndex("exact", random_state=0).fit(bank)
+    blocks = bank[rng.choice(len(bank), (2, (h + 1) // 2, (w + 1) // 2))]
+    images = blocks.repeat(2, axis=1).repeat(2, axis=2)[:, :h, :w] + 1e-3 * rng.normal(size=(2, h, w, bank.shape[1]))
+    images = images.reshape(2, h * w, -1).astype(np.float32)
+    images[0, 5] += 50.0
+    images[1, 3 * w + 7] += 100.0
+    compared, centred = [], []
+    cell_bounds_sq, centre_products = index._cell_bounds_sq, index._centre_products
+    monkeypatch.setattr(index, "_cell_bounds_sq", lambda X, *a: compared.append(len(X)) or cell_bounds_sq(X, *a))
+    monkeypatch.setattr(index, "_centre_products", lambda X: centred.append(len(X)) or centre_products(X))
+    got = index.largest_nearest(images, grid=grid)
+    dist, idx = index.kneighbors(images.reshape(2 * h * w, -1), 1)
+    want = max_patches(dist[:, 0].reshape(2, h * w), idx[:, 0].reshape(2, h * w))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert list(got[1]) == [5, 3 * w + 7] and compared == []
+    assert centred == [2 * ((h + 1) // 2) * ((w + 1) // 2)]
+    with pytest.raises(ValueError, match="does not hold"):
+        index.largest_nearest(images, grid=(h, w + 1))
 
 
 def test_largest_nearest_bounds_are_upper_bounds_and_mostly_exact(clusters):
