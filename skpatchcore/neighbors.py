@@ -924,7 +924,7 @@ class NearestNeighborIndex(BaseEstimator):
                         flat[chunk], chunk_labels, bank_groups, centre_rows, near_cells.shape[1]
                     )
                 else:
-                    near = near_cells[chunk, ranks[0] :] if ranks == _FIRST_CELLS and near_known else None
+                    near = near_cells[chunk, ranks[0] :] if ranks == _FIRST_CELLS and near_cells is not None else None
                     found[rows] = self._cell_bounds_sq(flat[chunk], chunk_labels, bank_groups, ranks, near)
             return np.sqrt(np.maximum(found + q_sq[queries], 0))
 
@@ -952,9 +952,7 @@ class NearestNeighborIndex(BaseEstimator):
 
         alive = np.arange(len(flat))
         bound = np.full(len(flat), np.inf, dtype=np.float32)
-        n_cells = len(self.cell_bounds_) - 1
-        near_cells = np.empty((len(flat), min(n_cells, _FIRST_CELLS[1])), dtype=np.int64)
-        near_known = False
+        near_cells = None  # each query's nearest cells, when the centre pass ranked them
         if grid is not None and labels is None and not return_bounds:
             if grid[0] * grid[1] != n_queries:
                 raise ValueError(f"grid {tuple(grid)} does not hold the {n_queries} queries of a group.")
@@ -969,8 +967,8 @@ class NearestNeighborIndex(BaseEstimator):
             # The same products rank each query's nearest cells for the next pass:
             # at 512 px, three queries in four were still in the running on MVTec
             # screw and transistor, and their products took 2.5 ms per image again.
+            near_cells = np.empty((len(flat), min(len(self.cell_bounds_) - 1, _FIRST_CELLS[1])), dtype=np.int64)
             bound = bounds(alive, None)
-            near_known = True
             alive = search_floor(alive)
         if len(alive):
             bound[alive] = np.minimum(bound[alive], bounds(alive, _FIRST_CELLS))
@@ -1055,7 +1053,7 @@ class NearestNeighborIndex(BaseEstimator):
 
     def _nearest_rows_in_cells(self, X: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """The nearest bank row of each query within one cell, ``cells[i]`` for query ``i``."""
-        bounds, width = self.cell_bounds_.tolist(), X.shape[1] + 1
+        bounds = self.cell_bounds_.tolist()
         by_cell = np.argsort(cells, kind="stable")
         counts = np.bincount(cells, minlength=len(bounds) - 1)
         ends = np.cumsum(counts).tolist()
@@ -1064,10 +1062,7 @@ class NearestNeighborIndex(BaseEstimator):
         with _ONE_BLAS_THREAD.limit(limits=1, user_api="blas"):
             for c in np.flatnonzero(counts).tolist():
                 begin, stop = ends[c] - counts[c], ends[c]
-                if self.cell_blocks_ is not None:
-                    block = self.cell_blocks_[width * bounds[c] : width * bounds[c + 1]].reshape(width, -1)
-                else:
-                    block = self._cell_block(self.cell_order_[bounds[c] : bounds[c + 1]])
+                block = self._block_of_cell(c)
                 d = grouped[begin:stop] @ block[:-1]
                 d += block[-1]
                 rows[by_cell[begin:stop]] = self.cell_order_[bounds[c] + d.argmin(axis=1)]
@@ -1097,17 +1092,14 @@ class NearestNeighborIndex(BaseEstimator):
         labels_sorted = None if labels is None else labels[queries]
         ends = np.cumsum(np.bincount(cells, minlength=n_cells)).tolist()
         nearest = np.empty(len(cells), dtype=np.float32)
-        cell_bounds, width = bounds.tolist(), X.shape[1] + 1
+        cell_bounds = bounds.tolist()
         with _ONE_BLAS_THREAD.limit(limits=1, user_api="blas"):
             begin = 0  # of the current cell's queries
             for c, stop in enumerate(ends):
                 if stop == begin:
                     continue
                 rows = slice(cell_bounds[c], cell_bounds[c + 1])
-                if self.cell_blocks_ is not None:
-                    block = self.cell_blocks_[width * rows.start : width * rows.stop].reshape(width, -1)
-                else:
-                    block = self._cell_block(order[rows])
+                block = self._block_of_cell(c)
                 # Each cell gathers its own queries: small copies that stay in
                 # cache, where one gather of all (a fresh array of every query
                 # twice) cost 10 ms of page faults per 512-px image.
@@ -1121,6 +1113,14 @@ class NearestNeighborIndex(BaseEstimator):
         unsorted = np.empty_like(nearest)
         unsorted[by_cell] = nearest
         return unsorted.reshape(near.shape[1], len(X)).min(axis=0)
+
+    def _block_of_cell(self, c: int) -> np.ndarray:
+        """:meth:`_cell_block` of cell ``c``'s rows: a view of ``cell_blocks_`` where kept."""
+        start, stop = self.cell_bounds_[c], self.cell_bounds_[c + 1]
+        if self.cell_blocks_ is None:
+            return self._cell_block(self.cell_order_[start:stop])
+        width = self.n_features_in_ + 1
+        return self.cell_blocks_[width * start : width * stop].reshape(width, -1)
 
     def _cell_block(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``[-2 b, ||b||²]`` of bank ``rows``, transposed: ``(n_features_in_ + 1, len(rows))``.

@@ -134,6 +134,20 @@ def test_gray_resized_is_the_rgb_replica_resized():
         torch.testing.assert_close(batch, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("size", [(13, 17), (40, 60), (13, 60)])
+def test_model_input_resizes_as_antialiased_bilinear(size):
+    # Shrinking needs the antialiasing filter; enlarging skips it, which changes
+    # nothing but float32 rounding.
+    rgb = np.random.RandomState(0).randint(0, 256, (2, 20, 30, 3)).astype(np.uint8)
+    source = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0
+    antialiased = torch.nn.functional.interpolate(source, size=size, mode="bilinear", antialias=True)
+    batch = to_model_input(rgb, size, (0, 0, *size), "cpu")
+    torch.testing.assert_close(batch, antialiased.clamp(0, 1), rtol=0, atol=1e-5)
+    if size[0] < 20:  # the plain kernel would be visibly different here
+        plain = torch.nn.functional.interpolate(source, size=size, mode="bilinear")
+        assert float((plain - antialiased).abs().max()) > 1e-2
+
+
 def test_uint16_is_read_over_the_full_16_bit_range():
     X = np.array([[[0, 65535], [32768, 1000]]], dtype=np.uint16)
     out = check_images(X)

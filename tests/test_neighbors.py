@@ -228,7 +228,6 @@ def test_image_scores_do_not_depend_on_the_backend(approximate_index, clusters):
 @pytest.mark.parametrize("order", ["greedy", "shuffled"])
 def test_largest_nearest_is_the_exact_maximum(clusters, order, more_cells, cell_copy, grid, monkeypatch):
     from skpatchcore.coreset import k_center_greedy
-    from skpatchcore.scoring import max_patches
 
     bank, queries = clusters
     if more_cells:  # the second round (more cells, raised floors) even for a few queries
@@ -309,7 +308,6 @@ def test_largest_nearest_bounds_its_buffers_by_working_memory(clusters):
 @pytest.mark.parametrize("cell_copy", [True, False])
 @pytest.mark.parametrize("more_cells", [False, True])
 def test_largest_nearest_skips_rows_of_the_same_group(clusters, more_cells, cell_copy, monkeypatch):
-    from skpatchcore.scoring import max_patches
 
     bank, queries = clusters
     if not cell_copy:
@@ -348,7 +346,6 @@ def test_largest_nearest_searches_few_queries_in_full(clusters, monkeypatch):
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_largest_nearest_searches_a_small_bank_in_one_pass(clusters, grouped, monkeypatch):
-    from skpatchcore.scoring import max_patches
 
     bank, queries = clusters
     bank = bank[: neighbors._FULL_SEARCH_MAX_ROWS]
@@ -418,7 +415,6 @@ def test_largest_nearest_compares_few_queries_with_the_cells(clusters, monkeypat
 def test_largest_nearest_skips_centre_rows_of_the_same_group(clusters):
     # A query on a centre row of its own group must not be bounded by that row:
     # copies of the centre rows, the others on rows of other groups (distance ~0).
-    from skpatchcore.scoring import max_patches
 
     bank, _ = clusters
     index = NearestNeighborIndex("exact", random_state=0).fit(bank)
