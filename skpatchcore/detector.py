@@ -24,7 +24,7 @@ from .images import check_images, common_size_images, crop_box, resized_shape, s
 from .maps import anomaly_maps
 from .neighbors import NearestNeighborIndex, exact_kneighbors
 from .progress import log
-from .scoring import image_scores, reweighted_scores
+from .scoring import SEARCH_BYTES, image_scores, reweighted_scores, search_batches
 
 __all__ = ["PatchCoreDetector"]
 
@@ -844,9 +844,13 @@ class PatchCoreDetector(OutlierMixin, BaseEstimator):
         box = crop_box(size, self.crop_size)
         scores = np.empty(len(images), dtype=np.float32)
         maps = empty((len(images), *images.shape[1:3])) if with_maps else None
-        for batch, patches in self._patch_batches(net, images, size, box, device):
+        # Image scores alone search more images a call than the network takes
+        # (cheaper per image); maps keep the network's batches.
+        search_bytes = 1 if with_maps else SEARCH_BYTES
+        patch_batches = self._patch_batches(net, images, size, box, device)
+        for batch, patches in search_batches(patch_batches, search_bytes):
             n, h, w, dim = patches.shape
-            flat = patches.reshape(n, h * w, dim).cpu().numpy()
+            flat = patches.reshape(n, h * w, dim)
             scores[batch], dist = image_scores(
                 self.nn_index_, flat, self.n_neighbors, patch_distances=with_maps, grid=(h, w)
             )

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
-__all__ = ["image_scores", "max_patches", "rerank_max_patches", "reweighted_scores"]
+from ._memory import empty
+
+__all__ = ["image_scores", "max_patches", "rerank_max_patches", "reweighted_scores", "search_batches"]
+
+# Bytes of patch features per image-score search: a call shares its passes
+# over the bank and its per-cell products among its images. On MVTec screw
+# (10,240-row banks, exact), image scores took 4.4 -> 2.8 ms per image at
+# 256 px (4 -> 16 images a call, 2.5 MB) and 15.6 -> 10 ms at 512 px (1 -> 4
+# images, 22 MB); twice as many images gained 5-10 % more.
+SEARCH_BYTES = 24 * 2**20
 
 
 def max_patches(patch_dist: np.ndarray, patch_idx: np.ndarray):
@@ -152,6 +161,46 @@ def image_scores(
     _, support = index.bank_neighbors(nearest, min(n_neighbors, index.n_samples_fit_))
     scores = reweighted_scores(patches[np.arange(n_images), patch], support)
     return scores, dist
+
+
+def search_batches(patch_batches: Iterable, max_bytes: int = SEARCH_BYTES):
+    """Consecutive batches of patch features joined into batches of up to ``max_bytes``.
+
+    Parameters
+    ----------
+    patch_batches : iterable of (slice, torch.Tensor of shape (b, h, w, D))
+        Consecutive batches of images of one size, as the network gives them.
+    max_bytes : int, default=SEARCH_BYTES
+        Size of a joined batch's float32 features: as many whole images as
+        fit, at least one. A network batch that is no smaller passes as it is.
+
+    Yields
+    ------
+    batch : slice
+        Positions of the joined batch's images.
+    patches : ndarray of shape (b', h, w, D), float32
+        On the CPU. Joined batches are views of one buffer, which the next
+        one overwrites: use each before asking for the next.
+    """
+    buffer, start, filled = None, 0, 0
+    for batch, patches in patch_batches:
+        patches = patches.cpu().numpy()
+        n, h, w, dim = patches.shape
+        capacity = max(1, max_bytes // (4 * h * w * dim))
+        if filled and filled + n > capacity:
+            yield slice(start, start + filled), buffer[:filled]
+            filled = 0
+        if n >= capacity:
+            yield batch, patches
+            continue
+        if buffer is None:
+            buffer = empty((capacity, h, w, dim))
+        if not filled:
+            start = batch.start
+        buffer[filled : filled + n] = patches
+        filled += n
+    if filled:
+        yield slice(start, start + filled), buffer[:filled]
 
 
 def reweighted_scores(

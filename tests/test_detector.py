@@ -105,6 +105,14 @@ def test_return_score_samples_matches_score_samples(fitted, textures):
     np.testing.assert_array_equal(scores, fitted.score_samples(textures[1]))
 
 
+def test_image_scores_do_not_depend_on_how_many_images_a_search_takes(tiny_params, textures, monkeypatch):
+    normal, defective, _ = textures
+    det = PatchCoreDetector(**tiny_params, batch_size=1).fit(normal[6:])
+    joined = det.score_samples(defective)
+    monkeypatch.setattr("skpatchcore.detector.SEARCH_BYTES", 1)
+    np.testing.assert_array_equal(det.score_samples(defective), joined)
+
+
 def test_predict_masks_cover_the_defects(fitted, textures):
     _, defective, masks = textures
     predicted = fitted.predict_masks(defective)

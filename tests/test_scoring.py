@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
+import torch
 from sklearn.neighbors import NearestNeighbors
 
-from skpatchcore.scoring import max_patches, reweighted_scores, rerank_max_patches
+from skpatchcore.scoring import max_patches, reweighted_scores, rerank_max_patches, search_batches
 
 
 def test_max_patches_picks_the_largest_distance():
@@ -68,3 +70,24 @@ def test_rerank_checks_few_patches_when_the_bounds_are_tight():
     reach = (approx >= want_s[:, None]).sum(axis=1)
     assert sum(asked) <= 2 * np.maximum(reach, 2).sum()
     assert len(asked) <= 1 + int(np.ceil(np.log2(reach.max())))
+
+
+@pytest.mark.parametrize(
+    "batch_size, n_images, want",
+    [
+        (2, 3, [slice(0, 2), slice(2, 4), slice(4, 7)]),  # 3 images fit: 2 + 2 do not
+        (2, 4, [slice(0, 4), slice(4, 7)]),
+        (1, 3, [slice(0, 3), slice(3, 6), slice(6, 7)]),
+        (3, 2, [slice(0, 3), slice(3, 6), slice(6, 7)]),  # larger batches pass as they are
+        (2, 0, [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)]),  # room for no image
+    ],
+)
+def test_search_batches_join_whole_images_in_order(batch_size, n_images, want):
+    patches = torch.arange(7 * 2 * 3 * 4, dtype=torch.float32).reshape(7, 2, 3, 4)
+    network = ((slice(i, min(i + batch_size, 7)), patches[i : i + batch_size]) for i in range(0, 7, batch_size))
+    max_bytes = n_images * patches[0].numel() * 4 + 3  # whole images only
+    got = [(batch, joined.copy()) for batch, joined in search_batches(network, max_bytes)]
+    assert [batch for batch, _ in got] == want
+    for batch, joined in got:
+        assert isinstance(joined, np.ndarray) and joined.dtype == np.float32
+        np.testing.assert_array_equal(joined, patches[batch].numpy())
