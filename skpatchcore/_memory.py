@@ -30,7 +30,8 @@ def empty(shape) -> np.ndarray:
     the kernel then compacts memory at each page fault (Linux's default
     ``defrag=madvise``), filling a large fresh array batch by batch stalls:
     17-20 ms against 2.7-3.1 ms to store one image's 5.6 MB of features
-    (the "accurate" preset at 512 px). torch's allocator gives no such advice.
+    (the "accurate" preset at 512 px). torch's allocator gives no such advice
+    (memory that the C allocator hands out again keeps any advice given earlier).
     """
     return torch.empty(shape, dtype=torch.float32).numpy()
 
