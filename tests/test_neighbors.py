@@ -65,6 +65,19 @@ def test_exact_distances_of_duplicates_are_clipped_at_zero():
 
 
 @pytest.mark.parametrize("n_queries", [5, 120])  # both layouts of the product
+def test_exact_nearest_is_the_first_of_equal_bank_rows(data, n_queries):
+    bank, queries = data
+    queries = queries[:n_queries]
+    # Every row three times, copies after the originals: the originals must win.
+    tripled = np.concatenate([bank, bank, bank])
+    dist, idx = exact_kneighbors(queries, tripled, 1)
+    want_dist, want_idx = exact_kneighbors(queries, bank, 1)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(dist, want_dist, rtol=1e-6)
+    assert torch.equal(neighbors._argmin_rows(torch.tensor([[2.0, 1.0, 1.0], [0.0, 0.0, 3.0]])), torch.tensor([[1], [0]]))
+
+
+@pytest.mark.parametrize("n_queries", [5, 120])  # both layouts of the product
 def test_groups_exclude_bank_entries_of_the_same_group(data, n_queries):
     bank, queries = data
     queries = queries[:n_queries]
