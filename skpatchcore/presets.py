@@ -57,8 +57,8 @@ def make_detector(name: str = "fast", **params):
         aspect ratio) with its stride-32 stage added for context, and a
         2.5 % coreset (the fast preset's bank rows); it finds defects that
         vanish at 256 px (mean image AUROC 0.956 against 0.900 on the
-        README's four categories) at 1.0-3.9x the fit time, 2.0-5.4x the
-        ``score_samples`` time and 1.2-6.8x the ``anomaly_maps`` time (exact
+        README's four categories) at 0.9-3.4x the fit time, 2.3-5.1x the
+        ``score_samples`` time and 1.6-6x the ``anomaly_maps`` time (exact
         search, one image per forward pass; 2 cores, README's machine).
     **params
         :class:`~skpatchcore.PatchCoreDetector` parameters set on top of the
