@@ -51,14 +51,18 @@ class _LayerFeatures(nn.Module):
     and ResNets, batches of 4 at 256-512 px).
     """
 
-    channels_last = False  # networks saved before the attribute existed
+    # Networks saved before these attributes existed.
+    channels_last = False
+    layer_weights = None
 
     def __init__(
-        self, body: nn.Module, layers: Sequence[str], mean, std, *, channels_last: bool = False
+        self, body: nn.Module, layers: Sequence[str], mean, std, *, channels_last: bool = False,
+        layer_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.body = body.eval()
         self.layers = list(layers)
+        self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.channels_last = channels_last
@@ -70,7 +74,9 @@ class _LayerFeatures(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.body(x)
-        return [out[name] for name in self.layers]
+        if self.layer_weights is None:
+            return [out[name] for name in self.layers]
+        return [out[name] * weight for name, weight in zip(self.layers, self.layer_weights)]
 
 
 class _HookedBody(nn.Module):
@@ -123,6 +129,24 @@ def _check_layers(module: nn.Module, layers) -> list[str]:
             "or 'blocks.2'."
         )
     return list(layers)
+
+
+def _check_layer_weights(layer_weights, layers: list[str]) -> list[float] | None:
+    if layer_weights is None:
+        return None
+    try:
+        weights = np.asarray(layer_weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        weights = None
+    if (
+        weights is None or weights.ndim != 1 or len(weights) != len(layers)
+        or not np.all(np.isfinite(weights)) or not np.all(weights > 0)
+    ):
+        raise ValueError(
+            f"layer_weights must be None or {len(layers)} positive finite numbers, one per "
+            f"layer of {layers}; got {layer_weights!r}."
+        )
+    return weights.tolist()
 
 
 def _feature_body(module: nn.Module, layers: list[str]) -> nn.Module:
@@ -241,8 +265,18 @@ class FeatureExtractor(BaseEstimator):
     Subclasses implement :meth:`_build` returning ``(module, layers, mean, std)``.
     :meth:`load` wraps the result in a network that takes RGB images as a
     float tensor ``(n, 3, H, W)`` in ``[0, 1]``, normalises them and returns
-    the list of feature maps ``(n, C_l, H_l, W_l)``, one per layer, in order.
+    the list of feature maps ``(n, C_l, H_l, W_l)``, one per layer, in order,
+    each multiplied by its ``layer_weights`` entry when that parameter is set.
+
+    Patch features concatenate the layers' channels, so each layer's share of
+    a squared patch distance grows with its channel count and activations:
+    Lite0's stride-32 stage has 192 of the 344 channels of ``("blocks.2",
+    "blocks.4", "blocks.5")``. A weight ``w`` scales that layer's share by
+    ``w ** 2``; the nearest-neighbour search and the scores follow.
     """
+
+    # Extractors pickled before the parameter existed weigh every layer alike.
+    layer_weights = None
 
     # Networks we build run channels-last with their batch norms folded into the
     # convolutions; a user's module keeps its own layout (its code may view
@@ -267,12 +301,15 @@ class FeatureExtractor(BaseEstimator):
         module, layers, mean, std = self._build()
         module = module.eval()
         layers = _check_layers(module, layers)
+        layer_weights = _check_layer_weights(self.layer_weights, layers)
         body = _feature_body(module, layers)
         if self._optimized:
             _unpad_same_convs(body)
         if fold_batchnorm:
             _fold_batchnorm(body)
-        extractor = _LayerFeatures(body, layers, mean, std, channels_last=self._optimized).eval()
+        extractor = _LayerFeatures(
+            body, layers, mean, std, channels_last=self._optimized, layer_weights=layer_weights
+        ).eval()
         for param in extractor.parameters():
             param.requires_grad_(False)
         return extractor
@@ -299,6 +336,9 @@ class TorchvisionExtractor(FeatureExtractor):
     mean, std : tuple of 3 floats or None, default=None
         Input normalisation; ``None`` uses the weights' own transforms or,
         failing that, ImageNet statistics.
+    layer_weights : sequence of float or None, default=None
+        One positive factor per layer, multiplying its feature maps; see
+        :class:`FeatureExtractor`. ``None`` weighs the layers alike.
 
     Examples
     --------
@@ -316,12 +356,14 @@ class TorchvisionExtractor(FeatureExtractor):
         weights="DEFAULT",
         mean=None,
         std=None,
+        layer_weights: Sequence[float] | None = None,
     ) -> None:
         self.backbone = backbone
         self.layers = layers
         self.weights = weights
         self.mean = mean
         self.std = std
+        self.layer_weights = layer_weights
 
     def _weights_enum(self):
         from torchvision.models import WeightsEnum, get_model_weights, get_weight
@@ -437,6 +479,9 @@ class ModuleExtractor(FeatureExtractor):
         Layer names, shallow to deep.
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Input normalisation applied to images in ``[0, 1]``.
+    layer_weights : sequence of float or None, default=None
+        One positive factor per layer, multiplying its feature maps; see
+        :class:`FeatureExtractor`. ``None`` weighs the layers alike.
 
     Examples
     --------
@@ -453,11 +498,13 @@ class ModuleExtractor(FeatureExtractor):
         layers: Sequence[str],
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        layer_weights: Sequence[float] | None = None,
     ) -> None:
         self.module = module
         self.layers = layers
         self.mean = mean
         self.std = std
+        self.layer_weights = layer_weights
 
     def _build(self):
         if not isinstance(self.module, nn.Module):
@@ -534,6 +581,9 @@ class EfficientNetLiteExtractor(FeatureExtractor):
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Input normalisation. The ImageNet statistics match anomalib's setup
         for these weights, the reference the accuracy tests compare with.
+    layer_weights : sequence of float or None, default=None
+        One positive factor per layer, multiplying its feature maps; see
+        :class:`FeatureExtractor`. ``None`` weighs the layers alike.
 
     Examples
     --------
@@ -548,12 +598,14 @@ class EfficientNetLiteExtractor(FeatureExtractor):
         weights="imagenet",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        layer_weights: Sequence[float] | None = None,
     ) -> None:
         self.variant = variant
         self.layers = layers
         self.weights = weights
         self.mean = mean
         self.std = std
+        self.layer_weights = layer_weights
 
     def _build(self):
         variant = _check_lite_variant(self.variant)
@@ -585,6 +637,9 @@ class EfficientNetLite0Extractor(EfficientNetLiteExtractor):
         See :class:`EfficientNetLiteExtractor`.
     mean, std : tuple of 3 floats, default=ImageNet statistics
         Input normalisation.
+    layer_weights : sequence of float or None, default=None
+        One positive factor per layer, multiplying its feature maps; see
+        :class:`FeatureExtractor`. ``None`` weighs the layers alike.
 
     Examples
     --------
@@ -601,11 +656,13 @@ class EfficientNetLite0Extractor(EfficientNetLiteExtractor):
         weights="imagenet",
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
+        layer_weights: Sequence[float] | None = None,
     ) -> None:
         self.layers = layers
         self.weights = weights
         self.mean = mean
         self.std = std
+        self.layer_weights = layer_weights
 
 
 def lite_state_dict(variant: str = "lite0", weights="imagenet") -> dict:

@@ -52,12 +52,12 @@ def test_batch_size_is_free(images, tmp_path):
     np.testing.assert_allclose(one, run_onnx(tmp_path / "resnet18.onnx", X[:5])[0], rtol=1e-5)
 
 
-def test_centre_crop_and_channel_pooling_export(images, tmp_path):
+def test_centre_crop_channel_pooling_and_layer_weights_export(images, tmp_path):
     train, X = images
     # 128 + 256 channels pooled to 100: a ratio adaptive pooling cannot export directly.
     detector = fit(
-        TorchvisionExtractor("resnet18", weights=None), train, image_size=64, crop_size=48,
-        embedding_dim=100,
+        TorchvisionExtractor("resnet18", weights=None, layer_weights=(1.0, 0.5)), train,
+        image_size=64, crop_size=48, embedding_dim=100,
     )
     export_onnx(detector, tmp_path / "crop.onnx")
     assert_same_as_detector(detector, tmp_path / "crop.onnx", X)

@@ -107,6 +107,47 @@ def test_traced_extractor_survives_pickle_and_deepcopy():
                 assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_layer_weights_multiply_each_layers_maps(hooked):
+    module = _Untraceable() if hooked else tiny_cnn()
+    layers = ["conv"] if hooked else ["layer1", "layer2"]
+    weights = [0.5] if hooked else [1.0, 0.25]
+    x = torch.rand(2, 3, 16, 16)
+    plain = ModuleExtractor(module, layers).load()(x)
+    weighted = ModuleExtractor(module, layers, layer_weights=weights).load()(x)
+    for got, want, weight in zip(weighted, plain, weights, strict=True):
+        torch.testing.assert_close(got, want * weight)
+
+
+def test_layer_weights_survive_pickle_and_change_the_cache_key():
+    from skpatchcore.feature_cache import extractor_token
+
+    extractor = TorchvisionExtractor("resnet18", weights=None, layer_weights=(2.0, 1.0))
+    net = pickle.loads(pickle.dumps(extractor.load()))
+    x = torch.rand(1, 3, 32, 32)
+    plain = TorchvisionExtractor("resnet18", weights=None).load()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x)[0], 2 * plain(x)[0])
+    assert extractor_token(extractor) != extractor_token(TorchvisionExtractor("resnet18", weights=None))
+
+
+def test_extractors_pickled_before_layer_weights_weigh_layers_alike():
+    extractor = ModuleExtractor(tiny_cnn(), ["layer1"])
+    net = extractor.load()
+    del extractor.__dict__["layer_weights"], net.__dict__["layer_weights"]
+    x = torch.rand(1, 3, 16, 16)
+    torch.testing.assert_close(extractor.load()(x)[0], net(x)[0])
+
+
+@pytest.mark.parametrize(
+    "layer_weights", [(1.0,), (1.0, 0.0), (1.0, -2.0), (1.0, float("nan")), (1.0, float("inf")),
+                      ("a", "b"), [[1.0, 1.0]], 1.0],
+)
+def test_invalid_layer_weights_are_refused(layer_weights):
+    with pytest.raises(ValueError, match="layer_weights must be None or 2 positive finite numbers"):
+        ModuleExtractor(tiny_cnn(), ["layer1", "layer2"], layer_weights=layer_weights).load()
+
+
 def test_unknown_layer_names_are_reported():
     with pytest.raises(ValueError, match="layer9"):
         ModuleExtractor(tiny_cnn(), ["layer9"]).load()

@@ -143,6 +143,20 @@ def test_lite0_round_trip(textures, tmp_path):
     np.testing.assert_array_equal(loaded.score_samples(defective), det.score_samples(defective))
 
 
+def test_layer_weights_round_trip(resnet_fitted, textures, tmp_path):
+    normal, defective, _ = textures
+    det = PatchCoreDetector(
+        feature_extractor=TorchvisionExtractor("resnet18", weights=None, layer_weights=(1.0, 0.5)),
+        image_size=64, algorithm="exact", random_state=0,
+    ).fit(normal[6:])
+    skpatchcore.save(det, tmp_path / "weighted.safetensors")
+    loaded = skpatchcore.load(tmp_path / "weighted.safetensors")
+    assert loaded.feature_extractor.layer_weights == (1.0, 0.5)
+    scores = loaded.score_samples(defective)
+    np.testing.assert_array_equal(scores, det.score_samples(defective))
+    assert not np.allclose(scores, resnet_fitted.score_samples(defective))
+
+
 def test_pynndescent_index_travels_as_arrays(tiny_params, textures, tmp_path):
     pytest.importorskip("pynndescent")
     normal, defective, _ = textures
