@@ -30,6 +30,9 @@ def test_accurate_doubles_the_resolution_with_the_same_bank_size():
     assert det.feature_extractor.layers == ("blocks.2", "blocks.4", "blocks.5")
     # 4x the patches at a quarter of the ratio: the fast preset's bank size.
     assert 4 * det.coreset_ratio == pytest.approx(make_detector("fast").coreset_ratio)
+    # The stride-32 stage at 3/4 scale, and sigma 4 of a 256-px image at 512 px.
+    assert det.feature_extractor.layer_weights == (1.0, 1.0, 0.75)
+    assert det.sigma == 2 * make_detector("fast").sigma
     # One image per forward pass (cache-friendly on a CPU), exact search (no graph build).
     assert (det.batch_size, det.algorithm) == (1, "exact")
 
