@@ -62,7 +62,7 @@ class _LayerFeatures(nn.Module):
         super().__init__()
         self.body = body.eval()
         self.layers = list(layers)
-        self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
+        self.layer_weights = None if layer_weights is None else list(layer_weights)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.channels_last = channels_last
@@ -74,9 +74,9 @@ class _LayerFeatures(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.body(x)
-        if self.layer_weights is None:
-            return [out[name] for name in self.layers]
-        return [out[name] * weight for name, weight in zip(self.layers, self.layer_weights)]
+        weights = self.layer_weights or [1.0] * len(self.layers)
+        # A weight of 1 returns the map itself: no copy of a large early layer.
+        return [out[name] if w == 1.0 else out[name] * w for name, w in zip(self.layers, weights)]
 
 
 class _HookedBody(nn.Module):

@@ -39,8 +39,8 @@ def _accurate() -> PatchCoreDetector:
             "lite0", layers=("blocks.2", "blocks.4", "blocks.5"), layer_weights=(1.0, 1.0, 0.75)
         ),
         image_size=512,
-        sigma=8.0,
         image_size_rule="area",
+        sigma=8.0,
         coreset_ratio=0.025,
         batch_size=1,
         # Image scores search exactly with either backend; a pynndescent graph of
